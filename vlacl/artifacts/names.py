@@ -1,0 +1,40 @@
+"""File names and artifact kinds shared by every command: the one place they are spelled out."""
+
+from __future__ import annotations
+
+from typing import Final
+
+MANIFEST_NAME: Final = "vlacl_manifest.json"
+CONFIG_NAME: Final = "config.yaml"
+
+# cl_metrics
+METRICS_NAME: Final = "metrics.json"
+MATRIX_CSV_NAME: Final = "matrix.csv"
+MATRIX_PNG_NAME: Final = "matrix.png"
+
+# eval_results
+RESULTS_NAME: Final = "results.parquet"
+EVAL_INFO_NAME: Final = "eval_info.json"
+
+SCHEMA_VERSION: Final = 1
+"""Version of the manifest layout. It changes only with a CHANGELOG entry and a reader that
+upgrades older manifests or refuses them with a clear message."""
+
+PRODUCERS: Final[dict[str, str]] = {
+    "dataset": "collect-demos",
+    "ds_stats": "ds-stats",
+    "task_checkpoint": "train-task",
+    "merged_model": "merge-lora",
+    "composed_adapter": "compose-adapters",
+    "eval_results": "eval-suite",
+    "cl_metrics": "cl-metrics",
+}
+"""Artifact kind -> the ``vlacl`` command that writes it."""
+
+FILE_KIND: Final = "file"
+"""Kind recorded for an input that is a plain file rather than an artifact directory."""
+
+
+def producer_of(kind: str) -> str:
+    """Return the command that writes artifacts of ``kind``, as users type it (``vlacl <cmd>``)."""
+    return f"vlacl {PRODUCERS[kind]}" if kind in PRODUCERS else "no vlacl command"

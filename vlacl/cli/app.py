@@ -1,0 +1,96 @@
+"""The ``vlacl`` Typer app: global options, the one exception boundary, command registration.
+
+Importing this module must stay cheap: no torch, transformers, peft (a test checks it), so that
+``vlacl --help`` and tab completion answer at once. Commands import their core code when they run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from vlacl import __version__
+from vlacl.cli.cl_metrics import cl_metrics
+from vlacl.cli.logging_setup import configure_logging
+from vlacl.errors import VlaclError
+
+ARGV_KEY = "vlacl.argv"
+
+
+class VlaclGroup(TyperGroup):
+    """The command group with vlacl's exception boundary.
+
+    A :class:`~vlacl.errors.VlaclError` becomes one line on stderr, ``error: <message>``, and
+    the error's exit code (1, or 2 for usage and config errors). ``VLACL_DEBUG=1`` prints the
+    traceback before that line. Any other exception is a bug and keeps its traceback.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        """Remember the command line as typed, for the manifests the commands write."""
+        argv = ["vlacl", *args]
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta[ARGV_KEY] = argv
+        return ctx
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; turn a VlaclError into one stderr line and an exit code."""
+        try:
+            return super().invoke(ctx)
+        except VlaclError as exc:
+            if os.environ.get("VLACL_DEBUG", "") not in ("", "0"):
+                traceback.print_exc(file=sys.stderr)
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
+def command_line(ctx: typer.Context) -> list[str]:
+    """The command line of the running command, as typed (``vlacl`` plus its arguments)."""
+    return list(ctx.meta.get(ARGV_KEY, ["vlacl", *sys.argv[1:]]))
+
+
+app = typer.Typer(
+    name="vlacl",
+    cls=VlaclGroup,
+    help="Continual learning of Vision-Language-Action robot policies with LoRA.\n\n"
+    "Each command does one job and writes one artifact directory that the next command reads.",
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vlacl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output on stderr (debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Continual learning of Vision-Language-Action robot policies with LoRA."""
+    configure_logging(verbose, quiet)
+
+
+app.command(
+    "cl-metrics",
+    epilog="Example: `vlacl cl-metrics examples/matrices/cw4-er.csv --out runs/cw4-metrics`\n\n"
+    "Compare runs: `vlacl cl-metrics seq=runs/seq-eval er=runs/er-eval --out runs/compare`",
+)(cl_metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``vlacl``)."""
+    app(args=None if argv is None else list(argv), prog_name="vlacl")

@@ -1,0 +1,47 @@
+"""Rendering of command results on stdout (rich tables); logs and progress go to stderr."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from vlacl.metrics.report import ClMetricsResult, MetricResult
+
+stdout = Console(soft_wrap=True)
+
+_LABELS = {
+    "asr": "ASR (final mean success)",
+    "bwt": "BWT (backward transfer)",
+    "forgetting": "forgetting",
+    "plasticity": "plasticity (diagonal)",
+    "fwt": "FWT (forward transfer)",
+    "nbt": "NBT (LIBERO)",
+    "auc": "AUC (LIBERO)",
+}
+
+
+def _cell(metric: MetricResult) -> str:
+    if metric.value is None:
+        return "n/a"
+    text = f"{metric.value:.3f}"
+    if metric.ci is not None:
+        text += f" [{metric.ci[0]:.3f}, {metric.ci[1]:.3f}]"
+    return text
+
+
+def print_metrics(result: ClMetricsResult) -> None:
+    """Print one table with a column per run, then each run's notes."""
+    ci = f" with {result.config.confidence:.0%} bootstrap intervals" if result.config.n_bootstrap else ""
+    table = Table(title=f"Continual-learning metrics{ci}", title_justify="left")
+    table.add_column("metric", style="bold")
+    for run in result.runs:
+        table.add_column(f"{run.name}\n({len(run.matrix.stages)} stages)", justify="right")
+    for key in result.to_dict()["metrics"]:
+        table.add_row(_LABELS[key], *(_cell(run.metrics[key]) for run in result.runs))
+    stdout.print(table)
+    for run in result.runs:
+        for note in run.notes:
+            stdout.print(f"note {run.name}: {note}", highlight=False, markup=False)

@@ -1,0 +1,1 @@
+"""Evaluation results: the ``eval_results`` artifact's tables and how they are read."""

@@ -1,0 +1,1 @@
+"""Continual-learning metrics from result matrices: formulas, bootstrap intervals, plots, reports."""

@@ -1,0 +1,61 @@
+"""Annotated heatmaps of result matrices."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vlacl.metrics.matrix import INIT_STAGE, ResultMatrix
+
+_CELL_INCHES = 0.62  # big enough for "0.00" at 8 pt; the figure grows with the matrix
+
+
+def plot_matrices(panels: Sequence[tuple[str, ResultMatrix, str]], path: Path) -> None:
+    """Write one PNG with a heatmap per run, side by side.
+
+    Args:
+        panels: ``(run name, matrix, subtitle)`` per run; the subtitle carries headline metrics.
+        path: Where to write the PNG.
+
+    Rows are ``init`` (when present) then the stages in training order; columns are the trained
+    tasks in training order, then tasks only evaluated; so the diagonal is "just trained". Each
+    cell shows its value; cells not evaluated are grey and marked ``-``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    sizes = [(len(m.stages) + (m.init is not None), len(m.tasks)) for _, m, _ in panels]
+    width = sum(max(3.5, cols * _CELL_INCHES + 2.6) for _, cols in sizes) + 0.8  # + labels, colorbar
+    height = max(3.0, max(rows for rows, _ in sizes) * _CELL_INCHES + 1.9)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False, layout="constrained")
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("#d9d9d9")
+    image = None
+    for ax, (name, matrix, subtitle) in zip(axes[0], panels, strict=True):
+        order = matrix.trained_columns + [matrix.tasks.index(t) for t in matrix.untrained_tasks]
+        rows = ([matrix.init] if matrix.init is not None else []) + list(matrix.values)
+        grid = np.asarray(rows, dtype=np.float64)[:, order]  # (rows, T) in training order
+        labels_y = ([INIT_STAGE] if matrix.init is not None else []) + list(matrix.stages)
+        labels_x = [matrix.tasks[j] for j in order]
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if math.isnan(value):
+                ax.text(j, i, "-", ha="center", va="center", fontsize=8, color="#555555")
+            else:
+                r, g, b, _ = cmap(value)
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=ink)
+        ax.set_xticks(range(len(labels_x)), labels_x, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels_y)), labels_y, fontsize=8)
+        ax.set_xlabel("evaluated task")
+        ax.set_ylabel("after training")
+        ax.set_title(f"{name}\n{subtitle}", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="success rate")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
