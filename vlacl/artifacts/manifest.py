@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from vlacl.artifacts.names import MANIFEST_NAME, SCHEMA_VERSION, producer_of
+from vlacl.artifacts.names import MANIFEST_NAME, SCHEMA_VERSION, describe_kinds
 from vlacl.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Manifest:
                 libraries={str(k): str(v) for k, v in data.get("libraries", {}).items()},
                 details=dict(data.get("details", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{source} is malformed ({exc!r}): the artifact is damaged; recreate it") from None
 
 
@@ -146,15 +146,15 @@ def _req(data: Mapping[str, Any], key: str, tp: type, source: Path) -> Any:
     return value
 
 
-def read_manifest(directory: Path, expected_kind: str | None = None) -> Manifest:
+def read_manifest(directory: Path, expected_kinds: tuple[str, ...] = ()) -> Manifest:
     """Read and parse ``<directory>/vlacl_manifest.json``.
 
     Raises:
         ArtifactError: The file is missing, unreadable, not JSON or not a valid manifest. The
-            message names the command that writes artifacts of ``expected_kind``.
+            message names the commands that write artifacts of ``expected_kinds``.
     """
     path = Path(directory) / MANIFEST_NAME
-    make = f"; a {expected_kind} artifact is written by `{producer_of(expected_kind)}`" if expected_kind else ""
+    make = f"; expected {describe_kinds(expected_kinds)}" if expected_kinds else ""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -38,3 +38,12 @@ FILE_KIND: Final = "file"
 def producer_of(kind: str) -> str:
     """Return the command that writes artifacts of ``kind``, as users type it (``vlacl <cmd>``)."""
     return f"vlacl {PRODUCERS[kind]}" if kind in PRODUCERS else "no vlacl command"
+
+
+def describe_kinds(kinds: tuple[str, ...]) -> str:
+    """``an eval_results artifact (written by `vlacl eval-suite`)``, joined with "or" for several kinds."""
+    parts = []
+    for kind in kinds:
+        article = "an" if kind[:1] in "aeiou" else "a"
+        parts.append(f"{article} {kind} artifact (written by `{producer_of(kind)}`)")
+    return " or ".join(parts) or "an artifact"

@@ -9,7 +9,7 @@ from typing import Literal
 
 from vlacl.artifacts.hashing import sha256_file
 from vlacl.artifacts.manifest import Manifest, read_manifest
-from vlacl.artifacts.names import FILE_KIND, MANIFEST_NAME, producer_of
+from vlacl.artifacts.names import FILE_KIND, MANIFEST_NAME, describe_kinds, producer_of
 from vlacl.errors import ArtifactError
 
 
@@ -62,13 +62,12 @@ def open_artifact(path: Path | str, kind: str | Sequence[str] | None = None, *, 
     """
     path = Path(path)
     kinds = (kind,) if isinstance(kind, str) else tuple(kind or ())
-    expected = kinds[0] if len(kinds) == 1 else None
-    wanted = " or ".join(f"a {k} artifact (written by `{producer_of(k)}`)" for k in kinds) or "an artifact"
+    wanted = describe_kinds(kinds)
     if not path.exists():
         raise ArtifactError(f"{path} does not exist: expected {wanted}")
     if not path.is_dir():
         raise ArtifactError(f"{path} is a file, not an artifact directory: expected {wanted}")
-    manifest = read_manifest(path, expected)
+    manifest = read_manifest(path, kinds)
     if kinds and manifest.kind not in kinds:
         raise ArtifactError(
             f"{path} is a {manifest.kind} artifact (written by `{producer_of(manifest.kind)}`), but this needs {wanted}"

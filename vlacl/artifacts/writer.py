@@ -89,7 +89,7 @@ class ArtifactWriter:
         overwrite: bool = False,
         extra_libraries: tuple[str, ...] = (),
     ) -> None:
-        self.out = Path(out).absolute()
+        self.out = Path(os.path.abspath(out))  # noqa: PTH100  # absolute and normalized: no `..`
         self.kind = kind
         self.command = tuple(command)
         self.config_yaml = config_yaml
@@ -118,6 +118,7 @@ class ArtifactWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         tmp = self.path
+        self._tmp = None
         if exc_type is not None:
             shutil.rmtree(tmp, ignore_errors=True)
             return
@@ -126,8 +127,6 @@ class ArtifactWriter:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        finally:
-            self._tmp = None
 
     def _relative(self, target: Path) -> str:
         """``target`` relative to ``out`` when they share a directory below the filesystem root, else absolute.
@@ -142,11 +141,12 @@ class ArtifactWriter:
         return os.path.relpath(target, self.out)
 
     def _check_not_out(self, target: Path) -> None:
-        target = Path(target).absolute()
-        if target == self.out or self.out in target.parents:
+        target = Path(target).resolve()
+        out = self.out.resolve()
+        if target == out or out in target.parents or target in out.parents:
             raise OutputExistsError(
-                f"--out {self.out} is also an input ({target}): writing there would destroy the input; "
-                "choose another --out"
+                f"--out {self.out} overlaps the input {target}: writing there would change or destroy the input; "
+                "choose an --out outside every input"
             )
 
     def add_input(self, role: str, artifact: Artifact) -> None:
@@ -169,6 +169,10 @@ class ArtifactWriter:
     def _commit(self, tmp: Path) -> None:
         config_sha = None
         if self.config_yaml is not None:
+            if (tmp / CONFIG_NAME).exists():
+                raise ArtifactError(
+                    f"{CONFIG_NAME} is reserved for the resolved config; a command tried to write it itself"
+                )
             data = self.config_yaml.encode("utf-8")
             _write_synced(tmp / CONFIG_NAME, data)
             config_sha = sha256_bytes(data)

@@ -20,6 +20,7 @@ import enum
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,7 +103,7 @@ def resolve_config(
         if not sep or not key:
             raise ConfigError(f"invalid --set {item!r}: expected KEY=VALUE, e.g. --set seed=3")
         _check_key(cls, key, source="--set")
-        values[key] = (_parse_scalar(raw), f"--set {item}")
+        values[key] = (_RawText(raw), f"--set {item}")
     for key, value in (flags or {}).items():
         if value is None:
             continue
@@ -161,6 +162,13 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got a {type(data).__name__}")
     return data
+
+
+@dataclass(frozen=True)
+class _RawText:
+    """A ``--set`` value as typed; it is read as YAML unless the field wants text (str, Path)."""
+
+    text: str
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -252,6 +260,8 @@ def _build(cls: type[T], values: Mapping[str, tuple[Any, str]], prefix: str) -> 
 
 
 def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
@@ -265,6 +275,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
 
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _RawText):
+        text = value.text.strip()
+        if tp in (str, Path):
+            return tp(value.text)
+        if origin in (tuple, list, Sequence) and not text.startswith("["):
+            items = [item.strip() for item in text.split(",")] if text else []
+            return _coerce(items, tp, key, source)
+        if origin in (typing.Union, types.UnionType) and str in args and text.lower() not in _NONE:
+            return value.text
+        return _coerce(_parse_scalar(value.text), tp, key, source)
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
         is_none = value is None or (isinstance(value, str) and value.strip().lower() in _NONE)

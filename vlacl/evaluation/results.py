@@ -62,6 +62,7 @@ def read_episodes(path: Path) -> pd.DataFrame:
         raise InputFormatError(f"{path} row {row}: success is empty; every episode needs true or false")
     if not success.isin([0, 1, True, False]).all():
         bad = success[~success.isin([0, 1, True, False])].iloc[0]
+        bad = bad.item() if isinstance(bad, np.generic) else bad
         raise InputFormatError(f"{path}: success holds {bad!r}; it must be true/false (or 1/0)")
     frame[SUCCESS_COL] = success.astype(bool)
     frame[STAGE_COL] = frame[STAGE_COL].astype(str)

@@ -5,20 +5,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vlacl.metrics.matrix import INIT_STAGE, ResultMatrix
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 _CELL_INCHES = 0.62  # big enough for "0.00" at 8 pt; the figure grows with the matrix
 
 
 def plot_matrices(panels: Sequence[tuple[str, ResultMatrix, str]], path: Path) -> None:
-    """Write one PNG with a heatmap per run, side by side.
+    """Write one PNG with an annotated heatmap per run, side by side (see :func:`heatmap_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(panels)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def heatmap_figure(panels: Sequence[tuple[str, ResultMatrix, str]]) -> Figure:
+    """Build one figure with a heatmap per run, side by side, on one colour scale.
 
     Args:
         panels: ``(run name, matrix, subtitle)`` per run; the subtitle carries headline metrics.
-        path: Where to write the PNG.
 
     Rows are ``init`` (when present) then the stages in training order; columns are the trained
     tasks in training order, then tasks only evaluated; so the diagonal is "just trained". Each
@@ -33,8 +45,7 @@ def plot_matrices(panels: Sequence[tuple[str, ResultMatrix, str]], path: Path) -
     width = sum(max(3.5, cols * _CELL_INCHES + 2.6) for _, cols in sizes) + 0.8  # + labels, colorbar
     height = max(3.0, max(rows for rows, _ in sizes) * _CELL_INCHES + 1.9)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False, layout="constrained")
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     image = None
     for ax, (name, matrix, subtitle) in zip(axes[0], panels, strict=True):
         order = matrix.trained_columns + [matrix.tasks.index(t) for t in matrix.untrained_tasks]
@@ -57,5 +68,4 @@ def plot_matrices(panels: Sequence[tuple[str, ResultMatrix, str]], path: Path) -
         ax.set_title(f"{name}\n{subtitle}", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="success rate")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig

@@ -1,0 +1,1 @@
+complete --command vlacl --no-files --arguments "(env _VLACL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) vlacl)" --condition "env _VLACL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) vlacl"

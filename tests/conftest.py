@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny artifact factories and a CLI runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from vlacl.artifacts import ArtifactWriter
+from vlacl.artifacts.names import MATRIX_CSV_NAME, RESULTS_NAME
+from vlacl.evaluation.results import matrix_from_episodes
+
+EvalResultsFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """A CLI runner that keeps stdout and stderr apart."""
+    return CliRunner()
+
+
+@pytest.fixture
+def make_eval_results(tmp_path: Path) -> EvalResultsFactory:
+    """Write a small ``eval_results`` artifact from per-cell success counts.
+
+    ``cells`` maps ``(stage, task)`` to ``(successes, episodes)``; ``stages`` gives the row order
+    (``init`` allowed) and ``tasks`` the column order.
+    """
+
+    def make(
+        name: str,
+        cells: Mapping[tuple[str, str], tuple[int, int]],
+        stages: Sequence[str],
+        tasks: Sequence[str],
+    ) -> Path:
+        rows = []
+        for (stage, task), (hits, count) in cells.items():
+            for episode in range(count):
+                rows.append(
+                    {
+                        "checkpoint": f"ckpt-{stage}",
+                        "stage": stage,
+                        "task": task,
+                        "seed": episode,
+                        "success": episode < hits,
+                        "return": float(episode < hits),
+                        "steps": 100,
+                        "seconds": 0.5,
+                    }
+                )
+        episodes = pd.DataFrame(rows)
+        matrix = matrix_from_episodes(episodes, stages, tasks)
+        out = tmp_path / name
+        with ArtifactWriter(out, "eval_results", command=["vlacl", "eval-suite"], config_yaml=None, seed=0) as writer:
+            episodes.to_parquet(writer.path / RESULTS_NAME, index=False)
+            (writer.path / MATRIX_CSV_NAME).write_text(matrix.to_csv(), encoding="utf-8")
+        return out
+
+    return make

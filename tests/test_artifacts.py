@@ -1,0 +1,610 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import vlacl
+from vlacl.artifacts import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    ArtifactWriter,
+    LineageNode,
+    check_output_dir,
+    lineage,
+    open_artifact,
+    producer_of,
+    verify_outputs,
+)
+from vlacl.artifacts.names import CONFIG_NAME, PRODUCERS
+from vlacl.artifacts.reader import Artifact
+from vlacl.errors import ArtifactError, OutputExistsError
+
+CONFIG_TEXT = "n_bootstrap: 1000\nconfidence: 0.95\nseed: 0\nplot: true\n"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_artifact(
+    out: Path,
+    kind: str = "eval_results",
+    files: Mapping[str, bytes] | None = None,
+    *,
+    inputs: Sequence[tuple[str, Artifact]] = (),
+    file_inputs: Sequence[tuple[str, Path]] = (),
+    overwrite: bool = False,
+    config_yaml: str | None = CONFIG_TEXT,
+    seed: int | None = 0,
+    body: Callable[[ArtifactWriter], None] | None = None,
+) -> Path:
+    command = ["vlacl", PRODUCERS[kind], "--out", str(out)]
+    with ArtifactWriter(out, kind, command=command, config_yaml=config_yaml, seed=seed, overwrite=overwrite) as w:
+        for name, data in (files if files is not None else {"data.bin": b"payload"}).items():
+            target = w.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        for role, artifact in inputs:
+            w.add_input(role, artifact)
+        for role, path in file_inputs:
+            w.add_file_input(role, path)
+        if body is not None:
+            body(w)
+    return out
+
+
+def file_set(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+
+
+def entries(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir()}
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_manifest(directory: Path, data: Mapping[str, Any]) -> None:
+    (directory / MANIFEST_NAME).write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_commit_writes_the_file_set_and_manifest(tmp_path: Path) -> None:
+    stats = open_artifact(make_artifact(tmp_path / "stats", "ds_stats"), "ds_stats")
+    out = tmp_path / "out"
+    files = {"results.parquet": b"rows", "sub/extra.bin": bytes(range(10))}
+    with ArtifactWriter(
+        out, "eval_results", command=["vlacl", "eval-suite", "--out", "out"], config_yaml=CONFIG_TEXT, seed=7
+    ) as w:
+        for name, data in files.items():
+            (w.path / name).parent.mkdir(parents=True, exist_ok=True)
+            (w.path / name).write_bytes(data)
+        w.add_input("ckpt", stats)
+        w.details["suite"] = "tiny"
+    assert entries(tmp_path) == {"stats", "out"}
+    assert file_set(out) == {"results.parquet", "sub/extra.bin", CONFIG_NAME, MANIFEST_NAME}
+    assert (out / CONFIG_NAME).read_text(encoding="utf-8") == CONFIG_TEXT
+
+    text = (out / MANIFEST_NAME).read_text(encoding="utf-8")
+    manifest = json.loads(text)
+    assert text == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    assert set(manifest) == {
+        "schema_version",
+        "kind",
+        "vlacl_version",
+        "created_utc",
+        "command",
+        "config_sha256",
+        "seed",
+        "inputs",
+        "outputs",
+        "libraries",
+        "details",
+    }
+    assert manifest["schema_version"] == SCHEMA_VERSION == 1
+    assert manifest["kind"] == "eval_results"
+    assert manifest["vlacl_version"] == vlacl.__version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", manifest["created_utc"])
+    assert manifest["command"] == ["vlacl", "eval-suite", "--out", "out"]
+    assert manifest["config_sha256"] == sha256((out / CONFIG_NAME).read_bytes()) == sha256(CONFIG_TEXT.encode())
+    assert manifest["seed"] == 7
+    assert manifest["outputs"] == {
+        "results.parquet": {"sha256": sha256(b"rows"), "bytes": 4},
+        "sub/extra.bin": {"sha256": sha256(bytes(range(10))), "bytes": 10},
+        CONFIG_NAME: {"sha256": sha256(CONFIG_TEXT.encode()), "bytes": len(CONFIG_TEXT)},
+    }
+    assert manifest["libraries"]["torch"] == version("torch")
+    assert manifest["inputs"] == [
+        {
+            "role": "ckpt",
+            "kind": "ds_stats",
+            "path": "../stats",
+            "sha256": sha256((tmp_path / "stats" / MANIFEST_NAME).read_bytes()),
+        }
+    ]
+    assert manifest["details"] == {"suite": "tiny"}
+
+    opened = open_artifact(out, "eval_results", verify=True)
+    assert opened.kind == "eval_results"
+    assert opened.manifest.seed == 7
+    assert opened.manifest.command == ("vlacl", "eval-suite", "--out", "out")
+    assert opened.manifest_sha256 == sha256(text.encode())
+    assert verify_outputs(opened) == []
+
+
+def test_commit_without_config_records_no_config(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out", config_yaml=None, seed=None)
+    assert file_set(out) == {"data.bin", MANIFEST_NAME}
+    manifest = read_json(out / MANIFEST_NAME)
+    assert manifest["config_sha256"] is None
+    assert manifest["seed"] is None
+    assert manifest["inputs"] == []
+
+
+def test_writer_path_only_inside_with(tmp_path: Path) -> None:
+    w = ArtifactWriter(tmp_path / "out", "cl_metrics", command=[], config_yaml=None, seed=None)
+    with pytest.raises(RuntimeError, match="only available inside the `with` block"):
+        _ = w.path
+    with w:
+        inside = w.path
+        assert inside.parent == tmp_path
+        assert inside.name.startswith(".out.tmp-")
+        assert inside.is_dir()
+    with pytest.raises(RuntimeError, match="only available inside the `with` block"):
+        _ = w.path
+
+
+def test_exception_inside_with_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    writers: list[ArtifactWriter] = []
+
+    def crash(writer: ArtifactWriter) -> None:
+        writers.append(writer)
+        (writer.path / "half.bin").write_bytes(b"half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        make_artifact(out, body=crash)
+    assert not out.exists()
+    assert entries(tmp_path) == set()
+    with pytest.raises(RuntimeError, match="only available inside the `with` block"):
+        _ = writers[0].path
+
+
+def test_exception_while_overwriting_keeps_the_old_artifact(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old"})
+    before = (out / MANIFEST_NAME).read_bytes()
+
+    def crash(writer: ArtifactWriter) -> None:
+        raise KeyError("crash")
+
+    with pytest.raises(KeyError, match="crash"):
+        make_artifact(out, files={"new.bin": b"new"}, overwrite=True, body=crash)
+    assert entries(tmp_path) == {"out"}
+    assert file_set(out) == {"old.bin", CONFIG_NAME, MANIFEST_NAME}
+    assert (out / MANIFEST_NAME).read_bytes() == before
+
+
+def test_refuses_an_existing_artifact_without_overwrite(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out")
+    before = (out / MANIFEST_NAME).read_bytes()
+    expected = f"--out {out} already holds an artifact: pass --overwrite to replace it, or choose another --out"
+    with pytest.raises(OutputExistsError) as info:
+        check_output_dir(out, overwrite=False)
+    assert str(info.value) == expected
+    with pytest.raises(OutputExistsError) as info:
+        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0)
+    assert str(info.value) == expected
+    assert info.value.exit_code == 2
+    assert (out / MANIFEST_NAME).read_bytes() == before
+    assert entries(tmp_path) == {"out"}
+
+
+def test_overwrite_replaces_an_artifact(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old", "sub/old.txt": b"x"}, seed=1)
+    check_output_dir(out, overwrite=True)
+    make_artifact(out, files={"new.bin": b"new"}, overwrite=True, seed=2)
+    assert entries(tmp_path) == {"out"}
+    assert file_set(out) == {"new.bin", CONFIG_NAME, MANIFEST_NAME}
+    artifact = open_artifact(out, "eval_results", verify=True)
+    assert artifact.manifest.seed == 2
+    assert set(artifact.manifest.outputs) == {"new.bin", CONFIG_NAME}
+
+
+def test_existing_empty_directory_is_used(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    check_output_dir(out, overwrite=False)
+    make_artifact(out)
+    assert entries(tmp_path) == {"out"}
+    assert file_set(out) == {"data.bin", CONFIG_NAME, MANIFEST_NAME}
+
+
+def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
+    make_artifact(tmp_path / "a" / "b" / "out")
+    assert file_set(tmp_path) == {f"a/b/out/{name}" for name in ("data.bin", CONFIG_NAME, MANIFEST_NAME)}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_never_replaces_a_non_artifact_directory(tmp_path: Path, overwrite: bool) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(OutputExistsError) as info:
+        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=overwrite)
+    message = str(info.value)
+    assert f"--out {out} is a non-empty directory that is not a vlacl artifact (no {MANIFEST_NAME})" in message
+    assert "vlacl never replaces it, even with --overwrite" in message
+    assert file_set(out) == {"notes.txt"}
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_non_artifact_directory_appearing_during_the_run_is_kept(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    def occupy(writer: ArtifactWriter) -> None:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine", encoding="utf-8")
+
+    with pytest.raises(OutputExistsError, match="not a vlacl artifact"):
+        make_artifact(out, overwrite=True, body=occupy)
+    assert entries(tmp_path) == {"out"}
+    assert file_set(out) == {"notes.txt"}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_that_is_a_file_is_refused(tmp_path: Path, overwrite: bool) -> None:
+    out = tmp_path / "out"
+    out.write_text("keep", encoding="utf-8")
+    with pytest.raises(OutputExistsError) as info:
+        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=overwrite)
+    assert str(info.value) == f"--out {out} is an existing file: choose a directory path that does not exist"
+    assert out.read_text(encoding="utf-8") == "keep"
+
+
+def test_input_equal_to_out_is_refused(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out", "ds_stats")
+    before = (out / MANIFEST_NAME).read_bytes()
+    artifact = open_artifact(out, "ds_stats")
+    with (
+        pytest.raises(OutputExistsError) as info,
+        ArtifactWriter(out, "ds_stats", command=[], config_yaml=None, seed=0, overwrite=True) as w,
+    ):
+        w.add_input("prev", artifact)
+    assert str(info.value) == (
+        f"--out {out} overlaps the input {out}: writing there would change or destroy the input; "
+        "choose an --out outside every input"
+    )
+    assert entries(tmp_path) == {"out"}
+    assert (out / MANIFEST_NAME).read_bytes() == before
+
+
+def test_file_input_inside_out_is_refused(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out", files={"suite.yaml": b"tasks: []\n"})
+    with (
+        pytest.raises(OutputExistsError, match="overlaps the input"),
+        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=True) as w,
+    ):
+        w.add_file_input("suite", out / "suite.yaml")
+    assert entries(tmp_path) == {"out"}
+    assert (out / "suite.yaml").read_bytes() == b"tasks: []\n"
+
+
+def test_out_inside_an_input_is_refused(tmp_path: Path) -> None:
+    source = make_artifact(tmp_path / "src", "ds_stats")
+    artifact = open_artifact(source, "ds_stats")
+    before = entries(source)
+    with (
+        pytest.raises(OutputExistsError, match="overlaps the input"),
+        ArtifactWriter(source / "nested" / ".." / "nested", "cl_metrics", command=[], config_yaml=None, seed=0) as w,
+    ):
+        w.add_input("stats", artifact)
+    assert entries(source) == before
+    assert not (source / "nested").exists()
+
+
+def test_a_command_writing_config_yaml_is_refused(tmp_path: Path) -> None:
+    with (
+        pytest.raises(ArtifactError, match=r"config\.yaml is reserved"),
+        ArtifactWriter(tmp_path / "o", "cl_metrics", command=[], config_yaml="a: 1\n", seed=0) as w,
+    ):
+        (w.path / "config.yaml").write_text("mine")
+    assert not (tmp_path / "o").exists()
+
+
+def test_writing_the_manifest_name_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out, files={MANIFEST_NAME: b"{}"})
+    assert str(info.value) == (f"{MANIFEST_NAME} is reserved for the manifest; a command tried to write it itself")
+    assert not out.exists()
+    assert entries(tmp_path) == set()
+
+
+def test_open_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(tmp_path / "nope", "eval_results")
+    assert str(info.value) == (
+        f"{tmp_path / 'nope'} does not exist: expected an eval_results artifact (written by `vlacl eval-suite`)"
+    )
+
+
+def test_open_a_file_instead_of_a_directory(tmp_path: Path) -> None:
+    path = tmp_path / "results.parquet"
+    path.write_bytes(b"x")
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, "eval_results")
+    assert str(info.value) == (
+        f"{path} is a file, not an artifact directory: "
+        "expected an eval_results artifact (written by `vlacl eval-suite`)"
+    )
+
+
+def test_open_a_directory_without_manifest(tmp_path: Path) -> None:
+    path = make_artifact(tmp_path / "run")
+    (path / MANIFEST_NAME).unlink()
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, "eval_results")
+    message = str(info.value)
+    assert message.startswith(f"{path} is not a complete vlacl artifact: {MANIFEST_NAME} is missing")
+    assert message.endswith("; expected an eval_results artifact (written by `vlacl eval-suite`)")
+
+
+def test_open_the_wrong_kind(tmp_path: Path) -> None:
+    path = make_artifact(tmp_path / "metrics", "cl_metrics")
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, "eval_results")
+    assert str(info.value) == (
+        f"{path} is a cl_metrics artifact (written by `vlacl cl-metrics`), but this needs an eval_results "
+        "artifact (written by `vlacl eval-suite`)"
+    )
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, ["eval_results", "task_checkpoint"])
+    assert str(info.value).endswith(
+        "but this needs an eval_results artifact (written by `vlacl eval-suite`) or a task_checkpoint artifact "
+        "(written by `vlacl train-task`)"
+    )
+    assert open_artifact(path, ["eval_results", "cl_metrics"]).kind == "cl_metrics"
+    assert open_artifact(path).kind == "cl_metrics"
+
+
+def test_open_corrupt_json(tmp_path: Path) -> None:
+    path = make_artifact(tmp_path / "run")
+    (path / MANIFEST_NAME).write_text('{"kind": ', encoding="utf-8")
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, "eval_results")
+    assert str(info.value) == (
+        f"{path / MANIFEST_NAME} is not valid JSON (line 1): the artifact is damaged; "
+        "expected an eval_results artifact (written by `vlacl eval-suite`)"
+    )
+
+
+def test_open_a_newer_schema(tmp_path: Path) -> None:
+    path = make_artifact(tmp_path / "run")
+    manifest = read_json(path / MANIFEST_NAME)
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    manifest["vlacl_version"] = "9.0.0"
+    write_manifest(path, manifest)
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, "eval_results")
+    assert str(info.value) == (
+        f"{path / MANIFEST_NAME} uses manifest schema {SCHEMA_VERSION + 1}, written by vlacl 9.0.0; "
+        f"this vlacl reads schema {SCHEMA_VERSION} and older: upgrade vlacl"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"schema_version": None}, "has no valid schema_version (got None): it is not a vlacl manifest"),
+        ({"schema_version": True}, "has no valid schema_version (got True)"),
+        ({"kind": None}, "key `kind` should be a str, got NoneType"),
+        ({"outputs": []}, "key `outputs` should be a dict, got list"),
+        ({"inputs": [{"role": "x"}]}, "is malformed (KeyError('kind')): the artifact is damaged; recreate it"),
+        ({"libraries": ["torch"]}, "is malformed (AttributeError("),
+    ],
+)
+def test_open_a_malformed_manifest(tmp_path: Path, change: dict[str, Any], fragment: str) -> None:
+    path = make_artifact(tmp_path / "run")
+    manifest = read_json(path / MANIFEST_NAME)
+    manifest.update(change)
+    write_manifest(path, manifest)
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, "eval_results")
+    assert fragment in str(info.value)
+
+
+def test_open_a_manifest_lacking_a_required_key(tmp_path: Path) -> None:
+    path = make_artifact(tmp_path / "run")
+    manifest = read_json(path / MANIFEST_NAME)
+    del manifest["outputs"]
+    write_manifest(path, manifest)
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path)
+    assert str(info.value) == (
+        f"{path / MANIFEST_NAME} lacks the required key `outputs`: the artifact is damaged; recreate it"
+    )
+
+
+def test_unknown_manifest_keys_warn_but_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logging.getLogger("vlacl"), "propagate", True)
+    path = make_artifact(tmp_path / "run")
+    manifest = read_json(path / MANIFEST_NAME)
+    manifest["zeta_future"] = 1
+    manifest["alpha_future"] = {"x": 2}
+    write_manifest(path, manifest)
+    with caplog.at_level(logging.WARNING, logger="vlacl.artifacts.manifest"):
+        artifact = open_artifact(path, "eval_results")
+    assert artifact.kind == "eval_results"
+    assert set(artifact.manifest.outputs) == {"data.bin", CONFIG_NAME}
+    warnings = [r for r in caplog.records if r.name == "vlacl.artifacts.manifest" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        f"{path / MANIFEST_NAME} has keys this vlacl does not know (ignored): alpha_future, zeta_future"
+    ]
+
+
+def test_artifact_file_lookup(tmp_path: Path) -> None:
+    artifact = open_artifact(make_artifact(tmp_path / "run", files={"data.bin": b"d"}))
+    assert artifact.has_file("data.bin")
+    assert not artifact.has_file("other.bin")
+    assert artifact.file("data.bin") == tmp_path / "run" / "data.bin"
+    with pytest.raises(ArtifactError, match=r"has no file other.bin: .* recreate it with `vlacl eval-suite`"):
+        artifact.file("other.bin")
+    (tmp_path / "run" / "data.bin").unlink()
+    with pytest.raises(ArtifactError, match="is listed in the manifest but missing"):
+        artifact.file("data.bin")
+
+
+def test_verify_detects_modified_missing_and_extra_files(tmp_path: Path) -> None:
+    path = make_artifact(tmp_path / "run", files={"a.bin": b"aaaa", "b.bin": b"bb", "c.bin": b"c", "d/e.bin": b"e"})
+    artifact = open_artifact(path, "eval_results", verify=True)
+    assert verify_outputs(artifact) == []
+    (path / "a.bin").write_bytes(b"aaab")
+    (path / "b.bin").write_bytes(b"bbb")
+    (path / "c.bin").unlink()
+    (path / "d" / "extra.txt").write_bytes(b"new")
+    assert verify_outputs(artifact) == [
+        "a.bin: sha256 differs from the manifest",
+        "b.bin: 3 bytes, manifest says 2",
+        "c.bin: missing",
+        "d/extra.txt: not listed in the manifest",
+    ]
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, "eval_results", verify=True)
+    assert str(info.value) == (
+        f"{path} failed verification (4 problem(s), first: a.bin: sha256 differs from the manifest): "
+        "the artifact changed after it was written; recreate it with `vlacl eval-suite`"
+    )
+    assert open_artifact(path, "eval_results").kind == "eval_results"
+
+
+def test_verify_detects_an_edited_config(tmp_path: Path) -> None:
+    path = make_artifact(tmp_path / "run")
+    (path / CONFIG_NAME).write_text(CONFIG_TEXT.replace("seed: 0", "seed: 1"), encoding="utf-8")
+    assert verify_outputs(open_artifact(path)) == [f"{CONFIG_NAME}: sha256 differs from the manifest"]
+
+
+def build_chain(root: Path) -> tuple[Path, Path, Path, Path]:
+    """``stats`` <- ``ckpt`` <- ``evals`` (which also reads the file ``suite.yaml``), all under ``root``."""
+    suite = root / "suite.yaml"
+    suite.parent.mkdir(parents=True)
+    suite.write_text("tasks: [pick]\n", encoding="utf-8")
+    stats = make_artifact(root / "stats", "ds_stats")
+    ckpt = make_artifact(root / "ckpt", "task_checkpoint", inputs=[("stats", open_artifact(stats, "ds_stats"))])
+    evals = make_artifact(
+        root / "evals",
+        "eval_results",
+        inputs=[("ckpt", open_artifact(ckpt, "task_checkpoint"))],
+        file_inputs=[("suite", suite)],
+    )
+    return stats, ckpt, evals, suite
+
+
+def statuses(path: Path) -> list[tuple[int, str, str, Path, str]]:
+    return [(n.depth, n.role, n.kind, n.path, n.status) for n in lineage(open_artifact(path))]
+
+
+def test_lineage_of_an_intact_chain(tmp_path: Path) -> None:
+    stats, ckpt, evals, suite = build_chain(tmp_path / "run")
+    assert [(i["role"], i["kind"], i["path"]) for i in read_json(evals / MANIFEST_NAME)["inputs"]] == [
+        ("ckpt", "task_checkpoint", "../ckpt"),
+        ("suite", "file", "../suite.yaml"),
+    ]
+    assert read_json(evals / MANIFEST_NAME)["inputs"][1]["sha256"] == sha256(b"tasks: [pick]\n")
+    assert statuses(evals) == [
+        (1, "ckpt", "task_checkpoint", ckpt, "ok"),
+        (2, "stats", "ds_stats", stats, "ok"),
+        (1, "suite", "file", suite, "ok"),
+    ]
+    nodes = lineage(open_artifact(evals))
+    assert all(isinstance(n, LineageNode) for n in nodes)
+    assert lineage(open_artifact(stats)) == []
+
+
+def test_lineage_survives_moving_the_whole_tree(tmp_path: Path) -> None:
+    build_chain(tmp_path / "run")
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "run", moved)
+    assert statuses(moved / "evals") == [
+        (1, "ckpt", "task_checkpoint", moved / "ckpt", "ok"),
+        (2, "stats", "ds_stats", moved / "stats", "ok"),
+        (1, "suite", "file", moved / "suite.yaml", "ok"),
+    ]
+    assert verify_outputs(open_artifact(moved / "evals")) == []
+
+
+def test_lineage_after_recreating_an_input(tmp_path: Path) -> None:
+    _, ckpt, evals, suite = build_chain(tmp_path / "run")
+    make_artifact(ckpt, "task_checkpoint", files={"adapter.bin": b"retrained"}, overwrite=True)
+    assert statuses(evals) == [
+        (1, "ckpt", "task_checkpoint", ckpt, "changed"),
+        (1, "suite", "file", suite, "ok"),
+    ]
+
+
+def test_lineage_after_editing_an_input_manifest(tmp_path: Path) -> None:
+    stats, ckpt, evals, suite = build_chain(tmp_path / "run")
+    manifest = read_json(stats / MANIFEST_NAME)
+    manifest["seed"] = 99
+    write_manifest(stats, manifest)
+    assert statuses(evals) == [
+        (1, "ckpt", "task_checkpoint", ckpt, "ok"),
+        (2, "stats", "ds_stats", stats, "changed"),
+        (1, "suite", "file", suite, "ok"),
+    ]
+
+
+def test_lineage_with_missing_and_incomplete_inputs(tmp_path: Path) -> None:
+    stats, ckpt, evals, suite = build_chain(tmp_path / "run")
+    shutil.rmtree(stats)
+    assert statuses(evals)[1] == (2, "stats", "ds_stats", stats, "missing")
+    (ckpt / MANIFEST_NAME).unlink()
+    assert statuses(evals) == [
+        (1, "ckpt", "task_checkpoint", ckpt, "incomplete"),
+        (1, "suite", "file", suite, "ok"),
+    ]
+
+
+def test_lineage_of_an_input_with_a_malformed_manifest_is_incomplete(tmp_path: Path) -> None:
+    _, ckpt, evals, _ = build_chain(tmp_path / "run")
+    manifest = read_json(ckpt / MANIFEST_NAME)
+    manifest["libraries"] = ["torch"]
+    write_manifest(ckpt, manifest)
+    assert statuses(evals)[0] == (1, "ckpt", "task_checkpoint", ckpt, "incomplete")
+
+
+def test_lineage_of_an_edited_or_deleted_file_input(tmp_path: Path) -> None:
+    _, _, evals, suite = build_chain(tmp_path / "run")
+    suite.write_text("tasks: [place]\n", encoding="utf-8")
+    assert statuses(evals)[2] == (1, "suite", "file", suite, "changed")
+    suite.write_text("tasks: [pick]\n", encoding="utf-8")
+    assert statuses(evals)[2] == (1, "suite", "file", suite, "ok")
+    suite.unlink()
+    assert statuses(evals)[2] == (1, "suite", "file", suite, "missing")
+
+
+def test_input_path_without_a_common_directory_stays_absolute(tmp_path: Path) -> None:
+    outside = Path(vlacl.__file__).absolute()
+    if tmp_path.parts[1] == outside.parts[1]:
+        pytest.skip("tmp_path and the vlacl sources share a top-level directory")
+    out = make_artifact(tmp_path / "run", file_inputs=[("src", outside)])
+    assert read_json(out / MANIFEST_NAME)["inputs"][0]["path"] == str(outside)
+    assert statuses(out) == [(1, "src", "file", outside, "ok")]
+
+
+def test_producer_of_every_kind() -> None:
+    assert producer_of("eval_results") == "vlacl eval-suite"
+    assert producer_of("task_checkpoint") == "vlacl train-task"
+    assert producer_of("unknown") == "no vlacl command"
