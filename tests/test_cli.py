@@ -71,6 +71,7 @@ def test_cl_metrics_writes_the_artifact(runner: CliRunner, full_csv: Path, tmp_p
     assert result.exit_code == 0, result.stderr
     assert "ASR" in result.stdout
     assert "0.733" in result.stdout
+    assert "bootstrap intervals" not in result.stdout
     assert f"wrote cl_metrics artifact {out}" in result.stderr
     artifact = open_artifact(out, "cl_metrics", verify=True)
     assert sorted(artifact.manifest.outputs) == ["config.yaml", "matrix.csv", "matrix.png", "metrics.json"]
@@ -115,6 +116,7 @@ def test_several_runs_compare_side_by_side(
     out = tmp_path / "cmp"
     result = runner.invoke(app, ["cl-metrics", f"base={full_csv}", f"replay={ev}", "--out", str(out), "--no-plot"])
     assert result.exit_code == 0, result.stderr
+    assert "Continual-learning metrics with 95% bootstrap intervals" in result.stdout
     header = next(line for line in result.stdout.splitlines() if "base" in line)
     assert header.index("base") < header.index("replay")
     artifact = open_artifact(out, "cl_metrics")

@@ -34,7 +34,8 @@ def _cell(metric: MetricResult) -> str:
 
 def print_metrics(result: ClMetricsResult) -> None:
     """Print one table with a column per run, then each run's notes."""
-    ci = f" with {result.config.confidence:.0%} bootstrap intervals" if result.config.n_bootstrap else ""
+    has_ci = any(m.ci is not None for run in result.runs for m in run.metrics.values())
+    ci = f" with {result.config.confidence:.0%} bootstrap intervals" if has_ci else ""
     table = Table(title=f"Continual-learning metrics{ci}", title_justify="left")
     table.add_column("metric", style="bold")
     for run in result.runs:
