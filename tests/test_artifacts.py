@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,8 @@ from vlacl.artifacts import (
 from vlacl.artifacts.names import CONFIG_NAME, PRODUCERS
 from vlacl.artifacts.reader import Artifact
 from vlacl.errors import ArtifactError, OutputExistsError
+
+SHM = Path("/dev/shm")
 
 CONFIG_TEXT = "n_bootstrap: 1000\nconfidence: 0.95\nseed: 0\nplot: true\n"
 
@@ -301,15 +309,14 @@ def test_file_input_inside_out_is_refused(tmp_path: Path) -> None:
 
 def test_out_inside_an_input_is_refused(tmp_path: Path) -> None:
     source = make_artifact(tmp_path / "src", "ds_stats")
-    artifact = open_artifact(source, "ds_stats")
     before = entries(source)
-    with (
-        pytest.raises(OutputExistsError, match="overlaps the input"),
-        ArtifactWriter(source / "nested" / ".." / "nested", "cl_metrics", command=[], config_yaml=None, seed=0) as w,
-    ):
-        w.add_input("stats", artifact)
+    with pytest.raises(OutputExistsError) as info:
+        ArtifactWriter(source / "nested" / ".." / "nested", "cl_metrics", command=[], config_yaml=None, seed=0)
+    assert str(info.value) == (
+        f"--out {source / 'nested'} lies inside {source}, which is a ds_stats artifact (written by `vlacl ds-stats`): "
+        "writing there would add files its manifest does not list; choose an --out outside every artifact directory"
+    )
     assert entries(source) == before
-    assert not (source / "nested").exists()
 
 
 def test_a_command_writing_config_yaml_is_refused(tmp_path: Path) -> None:
@@ -595,10 +602,22 @@ def test_lineage_of_an_edited_or_deleted_file_input(tmp_path: Path) -> None:
     assert statuses(evals)[2] == (1, "suite", "file", suite, "missing")
 
 
-def test_input_path_without_a_common_directory_stays_absolute(tmp_path: Path) -> None:
-    outside = Path(vlacl.__file__).absolute()
-    if tmp_path.parts[1] == outside.parts[1]:
-        pytest.skip("tmp_path and the vlacl sources share a top-level directory")
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A fresh directory under ``/dev/shm``: it shares no directory below ``/`` with ``tmp_path``."""
+    if not SHM.is_dir():
+        pytest.skip(f"{SHM} does not exist")
+    directory = Path(tempfile.mkdtemp(prefix="vlacl-test-", dir=SHM))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_input_path_without_a_common_directory_stays_absolute(tmp_path: Path, shm_dir: Path) -> None:
+    outside = shm_dir / "suite.yaml"
+    outside.write_text("tasks: [pick]\n", encoding="utf-8")
+    assert tmp_path.parts[1] != outside.parts[1], "tmp_path must not lie under /dev for this test"
     out = make_artifact(tmp_path / "run", file_inputs=[("src", outside)])
     assert read_json(out / MANIFEST_NAME)["inputs"][0]["path"] == str(outside)
     assert statuses(out) == [(1, "src", "file", outside, "ok")]
@@ -608,3 +627,511 @@ def test_producer_of_every_kind() -> None:
     assert producer_of("eval_results") == "vlacl eval-suite"
     assert producer_of("task_checkpoint") == "vlacl train-task"
     assert producer_of("unknown") == "no vlacl command"
+
+
+# Filesystem errors: one ArtifactError naming the path and what to do; nothing half-written remains.
+
+
+def all_entries(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*")}
+
+
+def masked(message: object) -> str:
+    """``message`` with the pid and random part of hidden sibling names replaced by ``PID-HEX``."""
+    return re.sub(r"\.(tmp|old)-\d+-[0-9a-f]{8}\b", r".\1-PID-HEX", str(message))
+
+
+@pytest.mark.parametrize("below", ["x", "x/y"])
+def test_out_below_a_file_is_refused_before_the_work(tmp_path: Path, below: str) -> None:
+    somefile = tmp_path / "somefile.csv"
+    somefile.write_text("a,b\n", encoding="utf-8")
+    out = somefile / below
+    expected = (
+        f"--out {out} cannot be created: {somefile} is a file, not a directory; "
+        "choose an --out whose parents are directories"
+    )
+    with pytest.raises(OutputExistsError) as info:
+        check_output_dir(out, overwrite=True, kind="eval_results")
+    assert str(info.value) == expected
+    with pytest.raises(OutputExistsError) as info:
+        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0)
+    assert str(info.value) == expected
+    assert all_entries(tmp_path) == {"somefile.csv"}
+    assert somefile.read_text(encoding="utf-8") == "a,b\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_that_cannot_be_created_is_an_artifact_error() -> None:
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(Path("/proc/x"))
+    message = str(info.value)
+    assert type(info.value) is ArtifactError
+    assert message.startswith("cannot write --out /proc/x: creating the temporary directory /proc/.x.tmp-")
+    assert message.endswith(", or choose another --out") or message.endswith(": choose another --out")
+    assert not any(p.name.startswith(".x.") for p in Path("/proc").iterdir())
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_parent_is_an_artifact_error(tmp_path: Path) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(ArtifactError) as info:
+            make_artifact(parent / "out")
+        assert str(info.value).endswith(
+            f"failed (Permission denied); check the permissions of {parent}, or choose another --out"
+        )
+        assert entries(parent) == set()
+    finally:
+        parent.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [
+        (errno.EACCES, "check the permissions of {where}, or choose another --out"),
+        (errno.EROFS, "{where} is on a read-only filesystem: choose another --out"),
+        (errno.ENOSPC, "free space on the disk of {where}, or choose another --out"),
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 2])
+def test_a_directory_that_cannot_be_created_is_an_artifact_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, advice: str, depth: int
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdir = os.mkdir
+
+    def refuse(path: str | os.PathLike[str], mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        if Path(path).parent == locked:
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    out = locked.joinpath(*["sub"] * depth, "out")
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out)
+    step = f"the directory {locked / 'sub'}" if depth else f"the temporary directory {locked}/.out.tmp-PID-HEX"
+    assert masked(info.value) == (
+        f"cannot write --out {out}: creating {step} failed ({os.strerror(code)}); {advice.format(where=locked)}"
+    )
+    assert all_entries(tmp_path) == {"locked"}
+
+
+def test_parents_created_for_a_failed_run_are_removed(tmp_path: Path) -> None:
+    def crash(writer: ArtifactWriter) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        make_artifact(tmp_path / "a" / "b" / "out", body=crash)
+    assert all_entries(tmp_path) == set()
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        make_artifact(tmp_path / "keep" / "b" / "out", body=crash)
+    assert all_entries(tmp_path) == {"keep"}
+
+
+def test_disk_full_while_a_command_writes_is_an_artifact_error(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    seen: list[Path] = []
+
+    def full(writer: ArtifactWriter) -> None:
+        seen.append(writer.path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(writer.path / "big.bin"))
+
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out, body=full)
+    assert str(info.value) == (
+        f"cannot write --out {out}: writing {seen[0] / 'big.bin'} failed (No space left on device); "
+        f"free space on the disk of {tmp_path}, or choose another --out"
+    )
+    assert entries(tmp_path) == set()
+
+
+def test_other_errors_of_a_command_propagate_unchanged(tmp_path: Path) -> None:
+    def missing_input(writer: ArtifactWriter) -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "input.csv"))
+
+    with pytest.raises(FileNotFoundError):
+        make_artifact(tmp_path / "out", body=missing_input)
+    assert entries(tmp_path) == set()
+
+
+def test_a_sync_error_during_commit_is_an_artifact_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    out = tmp_path / "out"
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out, files={"data.bin": b"d"})
+    assert masked(info.value) == (
+        f"cannot write --out {out}: reading and syncing {tmp_path}/.out.tmp-PID-HEX/{CONFIG_NAME} failed "
+        f"(Input/output error); the disk holding {tmp_path} reported an error: check it, or choose another --out"
+    )
+    assert entries(tmp_path) == set()
+
+
+def fail_renames(monkeypatch: pytest.MonkeyPatch, *prefixes: str) -> None:
+    """Make ``os.rename`` fail with EIO for sources whose name starts with one of ``prefixes``."""
+    real_rename = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], **kwargs: Any) -> None:
+        if Path(src).name.startswith(prefixes):
+            raise OSError(errno.EIO, "Input/output error", os.fspath(src), None, os.fspath(dst))
+        real_rename(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_final_rename_keeps_out_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    out = tmp_path / "out"
+    before = (make_artifact(out, files={"old.bin": b"old"}) / MANIFEST_NAME).read_bytes() if existing else None
+    fail_renames(monkeypatch, ".out.tmp-")
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
+    assert masked(info.value) == (
+        f"cannot write --out {out}: renaming {tmp_path}/.out.tmp-PID-HEX to {out} failed (Input/output error); "
+        f"the disk holding {tmp_path} reported an error: check it, or choose another --out"
+    )
+    if before is None:
+        assert entries(tmp_path) == set()
+    else:
+        assert entries(tmp_path) == {"out"}
+        assert (out / MANIFEST_NAME).read_bytes() == before
+        assert file_set(out) == {"old.bin", CONFIG_NAME, MANIFEST_NAME}
+
+
+def test_a_failed_move_aside_keeps_out_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old"})
+    before = (out / MANIFEST_NAME).read_bytes()
+    fail_renames(monkeypatch, "out")
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
+    assert masked(info.value) == (
+        f"cannot write --out {out}: moving the previous {out} aside to {tmp_path}/.out.old-PID-HEX failed "
+        f"(Input/output error); the disk holding {tmp_path} reported an error: check it, or choose another --out"
+    )
+    assert entries(tmp_path) == {"out"}
+    assert (out / MANIFEST_NAME).read_bytes() == before
+
+
+def test_a_failed_restore_names_where_the_previous_artifact_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old"})
+    before = (out / MANIFEST_NAME).read_bytes()
+    fail_renames(monkeypatch, ".out.tmp-", ".out.old-")
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
+    (old,) = entries(tmp_path)
+    assert masked(old) == ".out.old-PID-HEX"
+    assert masked(info.value) == (
+        f"cannot write --out {out}: renaming {tmp_path}/.out.tmp-PID-HEX to it failed (Input/output error), "
+        f"and so did putting the previous artifact back; it is kept at {tmp_path}/.out.old-PID-HEX: rename it to "
+        f"{out} (the next vlacl run writing this --out does it itself)"
+    )
+    assert str(tmp_path / old) in str(info.value)
+    assert (tmp_path / old / MANIFEST_NAME).read_bytes() == before
+
+
+# --overwrite replaces only an artifact of the same kind.
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_never_replaces_an_artifact_of_another_kind(tmp_path: Path, overwrite: bool) -> None:
+    out = make_artifact(tmp_path / "out", "ds_stats")
+    before = (out / MANIFEST_NAME).read_bytes()
+    expected = (
+        f"--out {out} holds a ds_stats artifact (written by `vlacl ds-stats`), but this command writes an "
+        "eval_results artifact (written by `vlacl eval-suite`); vlacl never replaces an artifact of another kind, "
+        "even with --overwrite: choose another --out"
+    )
+    with pytest.raises(OutputExistsError) as info:
+        check_output_dir(out, overwrite, kind="eval_results")
+    assert str(info.value) == expected
+    with pytest.raises(OutputExistsError) as info:
+        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=overwrite)
+    assert str(info.value) == expected
+    assert info.value.exit_code == 2
+    assert entries(tmp_path) == {"out"}
+    assert (out / MANIFEST_NAME).read_bytes() == before
+
+
+def test_check_output_dir_without_a_kind_still_works(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out", "ds_stats")
+    check_output_dir(out, True)
+    with pytest.raises(OutputExistsError, match="pass --overwrite to replace it"):
+        check_output_dir(out, False)
+
+
+def test_an_artifact_of_another_kind_appearing_during_the_run_is_kept(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out", "eval_results", files={"old.bin": b"old"})
+
+    def replace_with_stats(writer: ArtifactWriter) -> None:
+        stats = make_artifact(tmp_path / "stats", "ds_stats", files={"stats.json": b"{}"})
+        shutil.rmtree(out)
+        stats.rename(out)
+
+    with pytest.raises(OutputExistsError, match="holds a ds_stats artifact"):
+        make_artifact(out, "eval_results", overwrite=True, body=replace_with_stats)
+    assert entries(tmp_path) == {"out"}
+    assert open_artifact(out).kind == "ds_stats"
+
+
+@pytest.mark.parametrize("text", ['{"kind": ', '["eval_results"]', '{"kind": 3}'])
+def test_an_unreadable_manifest_at_out_is_never_replaced(tmp_path: Path, text: str) -> None:
+    out = make_artifact(tmp_path / "out")
+    (out / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    with pytest.raises(OutputExistsError) as info:
+        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=True)
+    assert str(info.value) == (
+        f"--out {out} holds a {MANIFEST_NAME} that cannot be read, so vlacl cannot tell what it would replace; "
+        "it never replaces it, even with --overwrite: choose another --out or remove it yourself"
+    )
+    assert (out / MANIFEST_NAME).read_text(encoding="utf-8") == text
+
+
+# No --out inside another artifact.
+
+
+@pytest.mark.parametrize("below", ["sub", "a/b/sub"])
+def test_out_inside_another_artifact_is_refused(tmp_path: Path, below: str) -> None:
+    art = make_artifact(tmp_path / "art", "task_checkpoint")
+    before = all_entries(art)
+    out = art / below
+    expected = (
+        f"--out {out} lies inside {art}, which is a task_checkpoint artifact (written by `vlacl train-task`): "
+        "writing there would add files its manifest does not list; choose an --out outside every artifact directory"
+    )
+    with pytest.raises(OutputExistsError) as info:
+        check_output_dir(out, overwrite=True)
+    assert str(info.value) == expected
+    with pytest.raises(OutputExistsError) as info:
+        make_artifact(out, "eval_results", overwrite=True)
+    assert str(info.value) == expected
+    assert all_entries(art) == before
+    assert open_artifact(art, verify=True).kind == "task_checkpoint"
+
+
+def test_out_inside_an_artifact_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    art = make_artifact(tmp_path / "art", "ds_stats")
+    (tmp_path / "link").symlink_to(art, target_is_directory=True)
+    with pytest.raises(OutputExistsError, match=r"/link/out lies inside \S+/link, which is a ds_stats artifact"):
+        make_artifact(tmp_path / "link" / "out")
+    assert entries(art) == {"data.bin", CONFIG_NAME, MANIFEST_NAME}
+
+
+def test_out_inside_an_artifact_with_a_damaged_manifest_is_refused(tmp_path: Path) -> None:
+    art = make_artifact(tmp_path / "art")
+    (art / MANIFEST_NAME).write_text("{", encoding="utf-8")
+    with pytest.raises(OutputExistsError, match=f"lies inside {re.escape(str(art))}, which is a vlacl artifact:"):
+        check_output_dir(art / "sub", overwrite=False)
+
+
+# Durability: every file is synced before the directory is renamed into place.
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to name synced descriptors")
+def test_every_file_is_synced_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    synced: list[tuple[Path, bool]] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append((Path(f"/proc/self/fd/{fd}").readlink(), out.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    make_artifact(out, files={"data.bin": b"payload", "sub/deeper/extra.bin": bytes(range(10))})
+    before_rename = [path for path, out_exists in synced if not out_exists]
+    assert [path for path, out_exists in synced if out_exists] == [tmp_path]
+    (tmp,) = {path.relative_to(tmp_path).parts[0] for path in before_rename}
+    assert masked(tmp) == ".out.tmp-PID-HEX"
+    assert sorted(path.relative_to(tmp_path / tmp).as_posix() for path in before_rename) == sorted(
+        [
+            ".",
+            CONFIG_NAME,
+            "data.bin",
+            "sub",
+            "sub/deeper",
+            "sub/deeper/extra.bin",
+            f"{MANIFEST_NAME}.partial",
+        ]
+    )
+    assert len(before_rename) == len(set(before_rename))
+
+
+# Recovery from killed writers.
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child Python that imports this checkout's vlacl."""
+    root = str(Path(vlacl.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    pid = int(done.stdout)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    return pid
+
+
+@pytest.fixture
+def warnings_of_writer(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[str]]:
+    """Capture the writer's warnings; call the result to get their messages."""
+    monkeypatch.setattr(logging.getLogger("vlacl"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="vlacl.artifacts.writer")
+
+    def messages() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "vlacl.artifacts.writer"]
+
+    return messages
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from vlacl.artifacts import ArtifactWriter
+
+with ArtifactWriter(Path(sys.argv[1]), "eval_results", command=[], config_yaml=None, seed=0) as writer:
+    (writer.path / "half.bin").write_bytes(b"half")
+    print(writer.path, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
+def test_a_killed_writer_is_cleaned_up_by_the_next_one(
+    tmp_path: Path, warnings_of_writer: Callable[[], list[str]]
+) -> None:
+    out = tmp_path / "out"
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True, text=True, env=child_env(), check=False
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    left = Path(child.stdout.strip())
+    assert left.parent == tmp_path
+    assert re.fullmatch(r"\.out\.tmp-(\d+)-[0-9a-f]+", left.name)
+    assert entries(tmp_path) == {left.name}
+    assert entries(left) == {"half.bin"}
+
+    make_artifact(out, files={"data.bin": b"whole"})
+    assert entries(tmp_path) == {"out"}
+    assert file_set(out) == {"data.bin", CONFIG_NAME, MANIFEST_NAME}
+    assert open_artifact(out, "eval_results", verify=True).kind == "eval_results"
+    pid = int(left.name.split("-")[1])
+    assert warnings_of_writer() == [f"removed {left}, the unfinished output of vlacl process {pid} that no longer runs"]
+
+
+def put_aside(out: Path, pid: int) -> Path:
+    """Rename the artifact ``out`` as an overwrite by process ``pid`` does just before its final rename."""
+    old = out.parent / f".{out.name}.old-{pid}-0a1b2c3d"
+    out.rename(old)
+    return old
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_writer_killed_between_the_renames_is_restored(
+    tmp_path: Path, warnings_of_writer: Callable[[], list[str]], overwrite: bool
+) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old"})
+    before = (out / MANIFEST_NAME).read_bytes()
+    pid = dead_pid()
+    old = put_aside(out, pid)
+    tmp = tmp_path / f".out.tmp-{pid}-deadbeef"
+    shutil.copytree(old, tmp)
+    (tmp / MANIFEST_NAME).unlink()
+    assert entries(tmp_path) == {old.name, tmp.name}
+
+    if overwrite:
+        make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
+        assert file_set(out) == {"new.bin", CONFIG_NAME, MANIFEST_NAME}
+    else:
+        with pytest.raises(OutputExistsError, match="already holds an artifact: pass --overwrite"):
+            make_artifact(out, files={"new.bin": b"new"})
+        assert (out / MANIFEST_NAME).read_bytes() == before
+        assert open_artifact(out, "eval_results", verify=True).has_file("old.bin")
+    assert entries(tmp_path) == {"out"}
+    assert warnings_of_writer() == [
+        f"removed {tmp}, the unfinished output of vlacl process {pid} that no longer runs",
+        f"restored {out} from {old}: vlacl process {pid} was stopped while replacing it, "
+        "after moving the previous artifact aside",
+    ]
+
+
+def test_a_stale_previous_artifact_is_removed_once_out_was_written(
+    tmp_path: Path, warnings_of_writer: Callable[[], list[str]]
+) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old"})
+    pid = dead_pid()
+    old = put_aside(out, pid)
+    shutil.copytree(old, out)
+    make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
+    assert entries(tmp_path) == {"out"}
+    assert file_set(out) == {"new.bin", CONFIG_NAME, MANIFEST_NAME}
+    assert warnings_of_writer() == [
+        f"removed {old}, a previous artifact kept aside by vlacl process {pid} that no longer runs; "
+        f"{out} holds a newer one"
+    ]
+
+
+def test_the_newest_of_several_previous_artifacts_is_restored(tmp_path: Path) -> None:
+    olds = []
+    for seed in (1, 2):
+        built = make_artifact(tmp_path / "build" / f"seed{seed}" / "out", seed=seed)
+        old = put_aside(built, dead_pid())
+        olds.append(old.rename(tmp_path / old.name))
+    shutil.rmtree(tmp_path / "build")
+    os.utime(olds[0], (1_000_000, 1_000_000))
+    with pytest.raises(OutputExistsError, match="already holds an artifact"):
+        make_artifact(tmp_path / "out")
+    assert entries(tmp_path) == {"out"}
+    assert open_artifact(tmp_path / "out").manifest.seed == 2
+
+
+def test_siblings_of_running_processes_are_left_alone(
+    tmp_path: Path, warnings_of_writer: Callable[[], list[str]]
+) -> None:
+    out = make_artifact(tmp_path / "out")
+    alive = [os.getpid(), 1]
+    siblings = {tmp_path / f".out.{role}-{pid}-0a1b2c3d" for role in ("tmp", "old") for pid in alive}
+    for sibling in siblings:
+        shutil.copytree(out, sibling)
+    unrelated = {tmp_path / name for name in (".other.tmp-1-ab", ".out.tmp-x-ab", ".out.old-12-a-b", "out.tmp-1-ab")}
+    for path in unrelated:
+        path.mkdir()
+    shutil.rmtree(out)
+    make_artifact(out)
+    assert entries(tmp_path) == {"out"} | {p.name for p in siblings | unrelated}
+    assert warnings_of_writer() == []
+
+
+@pytest.mark.parametrize(
+    ("raised", "alive"),
+    [(None, True), (PermissionError(errno.EPERM, "Operation not permitted"), True), (ProcessLookupError(), False)],
+)
+def test_a_process_is_dead_only_when_it_cannot_be_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: OSError | None, alive: bool
+) -> None:
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.tmp-4242-0a1b2c3d"
+    stale.mkdir()
+    asked: list[tuple[int, int]] = []
+
+    def kill(pid: int, sig: int) -> None:
+        asked.append((pid, sig))
+        if raised is not None:
+            raise raised
+
+    monkeypatch.setattr(os, "kill", kill)
+    make_artifact(out)
+    assert asked == [(4242, 0)]
+    assert stale.exists() == alive

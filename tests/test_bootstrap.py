@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import EvalResultsFactory
 from vlacl.artifacts.names import MATRIX_CSV_NAME, RESULTS_NAME
 from vlacl.config import ClMetricsConfig
-from vlacl.errors import ArtifactError, InputFormatError
+from vlacl.errors import ArtifactError, ConfigError, InputFormatError
+from vlacl.metrics import bootstrap
 from vlacl.metrics.bootstrap import resample
 from vlacl.metrics.matrix import EpisodeCounts
 from vlacl.metrics.report import compute_run_metrics, load_run
@@ -142,3 +143,36 @@ def test_a_directory_of_another_kind_is_refused(tmp_path: Path, make_eval_result
     (tmp_path / "half").mkdir()
     with pytest.raises(ArtifactError, match="vlacl eval-suite"):
         load_run(str(tmp_path / "half"))
+
+
+def test_chunked_replicates_give_the_same_intervals(
+    make_eval_results: EvalResultsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = load_run(str(make_eval_results("ev", cells(200), STAGES, TASKS)))
+    whole = compute_run_metrics(run, ClMetricsConfig(n_bootstrap=3000))
+    monkeypatch.setattr(bootstrap, "CHUNK_CELLS", 60)  # 10 replicates of 6 cells per chunk
+    chunked = compute_run_metrics(run, ClMetricsConfig(n_bootstrap=3000))
+    for key, metric in whole.metrics.items():
+        other = chunked.metrics[key].ci
+        assert metric.ci is not None
+        assert other is not None
+        assert other == pytest.approx(metric.ci, abs=0.012), key
+
+
+def test_bootstrap_count_is_capped() -> None:
+    with pytest.raises(ConfigError, match=r"`n_bootstrap` \(--bootstrap\): must be in \[0, 100000\]"):
+        ClMetricsConfig(n_bootstrap=100_001)
+
+
+def test_eval_results_without_episodes_explains_the_missing_intervals(
+    make_eval_results: EvalResultsFactory,
+) -> None:
+    path = make_eval_results("ev", cells(4), STAGES, TASKS)
+    manifest_path = path / "vlacl_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["outputs"][RESULTS_NAME]
+    manifest_path.write_text(json.dumps(manifest))
+    (path / RESULTS_NAME).unlink()
+    result = compute_run_metrics(load_run(str(path)), ClMetricsConfig())
+    assert result.matrix.counts is None
+    assert "no confidence intervals: the eval_results artifact has no per-episode results.parquet" in result.notes

@@ -18,10 +18,10 @@ from vlacl.metrics.report import RunInput, RunMetrics, compute_run_metrics
 # Tasks a, b, c trained in that order, with an init row. Expected values worked out by hand:
 #   asr        (0.5 + 0.7 + 1.0) / 3                                   = 0.733333
 #   bwt        ((0.5 - 0.8) + (0.7 - 0.9)) / 2                         = -0.25
-#   forgetting (max(0.8, 0.6) - 0.5 + 0.9 - 0.7) / 2                   = 0.25
+#   forgetting (max(0.8, 0.6) - 0.5 + max(0.3, 0.9) - 0.7) / 2         = 0.25
 #   plasticity (0.8 + 0.9 + 1.0) / 3                                   = 0.9
 #   fwt        ((0.3 - 0.2) + (0.4 - 0.0)) / 2                         = 0.25
-#   nbt        ((0.8 - (0.6 + 0.5) / 2) + (0.9 - 0.7)) / 2             = 0.225
+#   nbt        ((0.8 - (0.6 + 0.5) / 2) + (0.9 - 0.7)) / 3             = 0.15
 #   auc        ((0.8 + 0.6 + 0.5) / 3 + (0.9 + 0.7) / 2 + 1.0) / 3     = 0.811111
 FULL = """stage,a,b,c
 init,0.1,0.2,0.0
@@ -35,7 +35,7 @@ FULL_EXPECTED = {
     "forgetting": 0.25,
     "plasticity": 0.9,
     "fwt": 0.25,
-    "nbt": 0.225,
+    "nbt": 0.15,
     "auc": (1.9 / 3 + 0.8 + 1.0) / 3,
 }
 
@@ -43,7 +43,7 @@ FULL_EXPECTED = {
 # forgetting (max over earlier stages) differs from -BWT (diagonal only):
 #   asr (0.7 + 0.2 + 0.8) / 3 = 0.566667    bwt ((0.7 - 0.5) + (0.2 - 0.6)) / 2 = -0.1
 #   forgetting ((0.9 - 0.7) + (0.6 - 0.2)) / 2 = 0.3    plasticity (0.5 + 0.6 + 0.8) / 3
-#   nbt ((0.5 - (0.9 + 0.7) / 2) + (0.6 - 0.2)) / 2 = 0.05
+#   nbt ((0.5 - (0.9 + 0.7) / 2) + (0.6 - 0.2)) / 3 = 0.033333
 #   auc ((0.5 + 0.9 + 0.7) / 3 + (0.6 + 0.2) / 2 + 0.8) / 3 = 0.633333
 LOWER = """stage,x,y,z
 x,0.5,,
@@ -55,7 +55,7 @@ LOWER_EXPECTED = {
     "bwt": -0.1,
     "forgetting": 0.3,
     "plasticity": 1.9 / 3,
-    "nbt": 0.05,
+    "nbt": 0.1 / 3,
     "auc": 1.9 / 3,
 }
 
@@ -82,6 +82,15 @@ def test_lower_triangle_without_init_leaves_only_fwt_unavailable() -> None:
     assert fwt.reason is not None
     assert "init" in fwt.reason
     assert any(note.startswith("fwt unavailable") for note in result.notes)
+
+
+def test_forgetting_counts_success_before_training() -> None:
+    # Task b succeeds 0.9 zero-shot after stage a, 0.6 after its own stage, 0.5 at the end.
+    # forgetting = ((max(0.5, 0.5) - 0.5) + (max(0.9, 0.6) - 0.5)) / 2 = 0.2 (Chaudhry et al.: every
+    # earlier stage), while bwt = ((0.5 - 0.5) + (0.5 - 0.6)) / 2 = -0.05 looks at the diagonal only.
+    result = metrics_of("stage,a,b,c\na,0.5,0.9,0.0\nb,0.5,0.6,0.0\nc,0.5,0.5,1.0\n")
+    assert result.metrics["forgetting"].value == pytest.approx(0.2, abs=1e-12)
+    assert result.metrics["bwt"].value == pytest.approx(-0.05, abs=1e-12)
 
 
 def test_single_stage_supports_only_single_stage_metrics() -> None:
@@ -132,7 +141,11 @@ c,1.0,0.5,0.5,0.7
 
 
 def _reference(r: np.ndarray, b: np.ndarray | None) -> dict[str, float]:
-    """Straight loops over the published definitions, 1-based as in the papers."""
+    """Straight loops over the published definitions, 1-based as in the papers.
+
+    forgetting: Chaudhry et al. (2018), eq. for f_j^k with k = T, max over l in 1..T-1.
+    nbt: Liu et al. (2023), NBT = (1/K) sum_k NBT_k, the undefined k = K term taken as 0.
+    """
     t = r.shape[0]
 
     def at(i: int, j: int) -> float:
@@ -146,10 +159,8 @@ def _reference(r: np.ndarray, b: np.ndarray | None) -> dict[str, float]:
     }
     if t >= 2:
         out["bwt"] = sum(at(t, j) - at(j, j) for j in range(1, t)) / (t - 1)
-        out["forgetting"] = sum(max(at(ell, j) for ell in range(j, t)) - at(t, j) for j in range(1, t)) / (t - 1)
-        out["nbt"] = sum(sum(at(k, k) - at(tau, k) for tau in range(k + 1, t + 1)) / (t - k) for k in range(1, t)) / (
-            t - 1
-        )
+        out["forgetting"] = sum(max(at(ell, j) for ell in range(1, t)) - at(t, j) for j in range(1, t)) / (t - 1)
+        out["nbt"] = sum(sum(at(k, k) - at(tau, k) for tau in range(k + 1, t + 1)) / (t - k) for k in range(1, t)) / t
         if b is not None:
             out["fwt"] = sum(at(j - 1, j) - float(b[j - 1]) for j in range(2, t + 1)) / (t - 1)
     return out
@@ -185,5 +196,5 @@ def test_two_task_identities(flat: list[float]) -> None:
     r = np.asarray(flat).reshape(2, 2)
     bwt, forgetting, nbt = (float(METRICS[k].fn(r, None)) for k in ("bwt", "forgetting", "nbt"))
     assert forgetting == pytest.approx(-bwt, abs=1e-12)
-    assert nbt == pytest.approx(-bwt, abs=1e-12)
+    assert nbt == pytest.approx(-bwt / 2, abs=1e-12)
     assert 0.0 <= float(METRICS["auc"].fn(r, None)) <= 1.0

@@ -294,8 +294,8 @@ def test_post_init_of_a_test_config_names_key_and_flag() -> None:
 @pytest.mark.parametrize(
     ("overrides", "flags", "message"),
     [
-        (["n_bootstrap=-1"], {}, "invalid config value `n_bootstrap` (--bootstrap): must be >= 0, got -1"),
-        ([], {"n_bootstrap": -5}, "invalid config value `n_bootstrap` (--bootstrap): must be >= 0, got -5"),
+        (["n_bootstrap=-1"], {}, "invalid config value `n_bootstrap` (--bootstrap): must be in [0, 100000], got -1"),
+        ([], {"n_bootstrap": -5}, "invalid config value `n_bootstrap` (--bootstrap): must be in [0, 100000], got -5"),
         (["confidence=1"], {}, "invalid config value `confidence` (--confidence): must be in (0, 1), got 1.0"),
         ([], {"confidence": 0.0}, "invalid config value `confidence` (--confidence): must be in (0, 1), got 0.0"),
     ],

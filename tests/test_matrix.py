@@ -126,3 +126,39 @@ def test_csv_round_trip_is_exact(cells: list[float | None]) -> None:
     assert second.init is not None
     np.testing.assert_array_equal(first.init, second.init)
     assert (first.tasks, first.stages) == (second.tasks, second.stages)
+
+
+def test_spreadsheet_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("stage,a\r\na,0.5\r\n".encode("utf-8-sig"))
+    assert read_matrix(path).values[0, 0] == 0.5
+    assert parse_matrix_csv("\ufeffstage,a\na,0.5\n").tasks == ("a",)
+
+
+def test_semicolon_csv_gets_a_hint() -> None:
+    with pytest.raises(InputFormatError, match=r"separated by ';'.*export the table as comma-separated CSV"):
+        parse_matrix_csv("stage;a;b\na;0,5;0,1\n", source="m.csv")
+
+
+def test_oversized_csv_field_is_an_input_error() -> None:
+    with pytest.raises(InputFormatError, match="line 2 is not valid CSV"):
+        parse_matrix_csv("stage,a\na," + "1" * 200_000 + "\n", source="m.csv")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"tasks": ["a"], "stages": ["a"], "values": [[' + "1" * 400 + "]]}", "the number is too large"),
+        ('{"tasks": ["a"], "stages": ["a"], "values": [[' + "1" * 5000 + "]]}", "not a readable JSON matrix"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_pathological_json_is_an_input_error(text: str, fragment: str) -> None:
+    with pytest.raises(InputFormatError) as info:
+        parse_matrix_json(text, source="m.json")
+    assert fragment in str(info.value)
+
+
+def test_a_device_file_is_not_a_matrix() -> None:
+    with pytest.raises(InputFormatError, match="is not a regular file"):
+        read_matrix(Path("/dev/null"))

@@ -32,3 +32,16 @@ class OutputExistsError(ArtifactError):
 
 class InputFormatError(VlaclError):
     """An input file (a matrix, a table, a dataset file) does not have the expected format."""
+
+
+class Terminated(BaseException):  # named for the event, like KeyboardInterrupt
+    """A termination signal (SIGTERM, SIGHUP) arrived; raised so that cleanup code runs.
+
+    It derives from ``BaseException`` so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")

@@ -1,58 +1,206 @@
 """Atomic creation of an artifact directory.
 
-An artifact is built in a hidden temporary sibling of ``--out`` and renamed into place only when
-everything, the manifest last, is written. A crash leaves at most a hidden ``.<name>.tmp-*``
-directory without a manifest, never a directory that looks complete. An existing ``--out`` is
-replaced only with ``overwrite`` and only when it is itself a vlacl artifact (or empty), so a
-mistyped ``--out`` never deletes a user's files.
+An artifact is built in a hidden temporary sibling of ``--out``, ``.<name>.tmp-<pid>-<hex>``, and
+renamed into place only when everything, the manifest last, is written and synced to disk. When
+``--out`` is replaced, the previous artifact is first renamed to ``.<name>.old-<pid>-<hex>`` and
+removed once the new one is in place. A process killed in between leaves at most these hidden
+siblings, never a directory that looks complete; the next writer for the same ``--out`` removes
+them, or renames the previous artifact back, once the process that made them no longer runs.
+
+An existing ``--out`` is replaced only with ``overwrite``, only when it is itself a vlacl artifact
+of the same kind (or empty), so a mistyped ``--out`` never deletes a user's files or another
+command's results; and no ``--out`` may lie inside another artifact, whose manifest would then not
+list every file in it. Filesystem failures surface as :class:`~vlacl.errors.ArtifactError` naming
+the path and what to do.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Sequence
+import stat
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
-from vlacl.artifacts.hashing import sha256_bytes, sha256_file
+from vlacl.artifacts.hashing import sha256_bytes, sha256_file, sha256_file_synced
 from vlacl.artifacts.manifest import InputRef, Manifest, OutputEntry, library_versions, utc_now
-from vlacl.artifacts.names import CONFIG_NAME, FILE_KIND, MANIFEST_NAME
+from vlacl.artifacts.names import CONFIG_NAME, FILE_KIND, MANIFEST_NAME, describe_kinds
 from vlacl.artifacts.reader import Artifact
 from vlacl.errors import ArtifactError, OutputExistsError
 
+log = logging.getLogger(__name__)
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that exists and may not be replaced; call it before doing the work.
+SiblingRole = Literal["tmp", "old"]
+
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+"""Errors of the disk rather than of the code: raised while a command writes into the temporary
+directory, they become an ArtifactError saying what to do."""
+
+
+def check_output_dir(out: Path, overwrite: bool, *, kind: str | None = None) -> None:
+    """Refuse an ``--out`` that may not be written; call it before doing the work.
+
+    Args:
+        out: The ``--out`` directory.
+        overwrite: Whether an existing artifact at ``out`` may be replaced.
+        kind: The kind of artifact that will be written; an existing artifact of another kind is
+            never replaced. ``None`` skips that check.
 
     Raises:
-        OutputExistsError: ``out`` is a file; or a non-empty directory without ``overwrite``; or a
-            non-empty directory that is not a vlacl artifact (never replaced, even with ``overwrite``).
+        OutputExistsError: A parent of ``out`` is a file; or ``out`` lies inside another artifact;
+            or ``out`` is a file; or a non-empty directory that is not a vlacl artifact (never
+            replaced, even with ``overwrite``); or an artifact of another kind than ``kind`` (never
+            replaced either); or an artifact, without ``overwrite``.
+        ArtifactError: ``out`` or one of its parents cannot be inspected.
     """
     out = Path(out)
-    if not out.exists():
+    absolute = Path(os.path.abspath(out))  # noqa: PTH100  # normalized: no `..`
+    for parent in absolute.parents:
+        found = _stat(parent, out)
+        if found is None:
+            continue
+        if not stat.S_ISDIR(found.st_mode):
+            raise OutputExistsError(
+                f"--out {out} cannot be created: {parent} is a file, not a directory; "
+                "choose an --out whose parents are directories"
+            )
+        break
+    _refuse_nested(out, absolute)
+    found = _stat(absolute, out)
+    if found is None:
         return
-    if not out.is_dir():
+    if not stat.S_ISDIR(found.st_mode):
         raise OutputExistsError(f"--out {out} is an existing file: choose a directory path that does not exist")
-    if not any(out.iterdir()):
+    try:
+        empty = not any(absolute.iterdir())
+    except OSError as exc:
+        raise ArtifactError(
+            f"cannot list --out {out} ({_reason(exc)}): check its permissions, or choose another --out"
+        ) from exc
+    if empty:
         return
-    if not (out / MANIFEST_NAME).is_file():
+    if _stat(absolute / MANIFEST_NAME, out) is None:
         raise OutputExistsError(
             f"--out {out} is a non-empty directory that is not a vlacl artifact (no {MANIFEST_NAME}); "
             "vlacl never replaces it, even with --overwrite: choose another --out or empty it yourself"
         )
+    if kind is not None:
+        existing = _manifest_kind(absolute)
+        if existing is None:
+            raise OutputExistsError(
+                f"--out {out} holds a {MANIFEST_NAME} that cannot be read, so vlacl cannot tell what it would "
+                "replace; it never replaces it, even with --overwrite: choose another --out or remove it yourself"
+            )
+        if existing != kind:
+            raise OutputExistsError(
+                f"--out {out} holds {describe_kinds((existing,))}, but this command writes "
+                f"{describe_kinds((kind,))}; vlacl never replaces an artifact of another kind, even with "
+                "--overwrite: choose another --out"
+            )
     if not overwrite:
         raise OutputExistsError(
             f"--out {out} already holds an artifact: pass --overwrite to replace it, or choose another --out"
         )
 
 
+def _stat(path: Path, out: Path) -> os.stat_result | None:
+    """``os.stat`` of ``path``, or ``None`` if nothing is there.
+
+    Raises:
+        ArtifactError: ``path`` cannot be inspected (e.g. a parent is not searchable).
+    """
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise ArtifactError(
+            f"cannot write --out {out}: cannot inspect {path} ({_reason(exc)}); "
+            "check its permissions, or choose another --out"
+        ) from exc
+
+
+def _manifest_kind(directory: Path) -> str | None:
+    """The ``kind`` recorded in ``directory``'s manifest, or ``None`` if it cannot be read.
+
+    Only the JSON and its ``kind`` are read, so an artifact of a newer schema is still recognized.
+    """
+    try:
+        data = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _refuse_nested(out: Path, absolute: Path) -> None:
+    """Refuse an ``out`` below a directory holding a manifest, following symlinks too."""
+    resolved = Path(os.path.realpath(absolute))  # realpath never raises for a missing path
+    for parent in dict.fromkeys([*absolute.parents, *resolved.parents]):
+        manifest = parent / MANIFEST_NAME
+        try:
+            is_manifest = manifest.is_file()
+        except OSError:
+            continue
+        if is_manifest:
+            kind = _manifest_kind(parent)
+            what = describe_kinds((kind,)) if kind is not None else "a vlacl artifact"
+            raise OutputExistsError(
+                f"--out {out} lies inside {parent}, which is {what}: writing there would add files its "
+                "manifest does not list; choose an --out outside every artifact directory"
+            )
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _advice(exc: OSError, directory: Path) -> str:
+    """What to do about a filesystem error met while writing into ``directory``."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"check the permissions of {directory}, or choose another --out"
+    if exc.errno == errno.EROFS:
+        return f"{directory} is on a read-only filesystem: choose another --out"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space on the disk of {directory}, or choose another --out"
+    if exc.errno == errno.ENOTDIR:
+        return "a parent of --out is a file, not a directory: choose another --out"
+    if exc.errno == errno.EIO:
+        return f"the disk holding {directory} reported an error: check it, or choose another --out"
+    return f"check that {directory} is a writable directory, or choose another --out"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run; when in doubt, ``True``, so its files are left alone."""
+    if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process there
+        return True
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs under another user
+        return True
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # filesystems that cannot sync a directory
+            raise
     finally:
         os.close(fd)
 
@@ -64,14 +212,25 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def _inside(filename: object, directory: Path) -> bool:
+    if not isinstance(filename, (str, os.PathLike)):
+        return False
+    path = Path(os.path.abspath(filename))  # noqa: PTH100
+    return path == directory or directory in path.parents
+
+
 class ArtifactWriter:
     """Build one artifact directory and commit it atomically.
 
     Use as a context manager: write files under :attr:`path` (the temporary directory), record
     inputs with :meth:`add_input` / :meth:`add_file_input` and kind-specific fields in
     :attr:`details`. On a clean exit the resolved config, the output hashes and the manifest (last)
-    are written and the directory is renamed to ``out``; on an exception the temporary directory
-    is removed and ``out`` is left as it was.
+    are written, every file is synced to disk and the directory is renamed to ``out``; on an
+    exception the temporary directory (and any parent directory the writer created) is removed
+    and ``out`` is left as it was.
+
+    Entering the writer first removes what killed vlacl processes left next to ``out`` (see the
+    module docstring), restoring a previous artifact whose replacement never arrived.
 
     Example:
         >>> with ArtifactWriter(out, "cl_metrics", command=argv, config_yaml=text, seed=0) as w:
@@ -99,7 +258,8 @@ class ArtifactWriter:
         self.details: dict[str, Any] = {}
         self._inputs: list[InputRef] = []
         self._tmp: Path | None = None
-        check_output_dir(self.out, overwrite)
+        self._created: list[Path] = []
+        check_output_dir(self.out, overwrite, kind=kind)
 
     @property
     def path(self) -> Path:
@@ -109,9 +269,18 @@ class ArtifactWriter:
         return self._tmp
 
     def __enter__(self) -> ArtifactWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        self._tmp.mkdir()
+        self._recover()
+        check_output_dir(self.out, self.overwrite, kind=self.kind)  # a restored artifact may now be in the way
+        self._created = []
+        tmp = self._sibling("tmp")
+        try:
+            self._make_parents()
+            with self._step(f"creating the temporary directory {tmp}"):
+                tmp.mkdir()
+        except BaseException:
+            self._remove_created_parents()
+            raise
+        self._tmp = tmp
         return self
 
     def __exit__(
@@ -119,14 +288,124 @@ class ArtifactWriter:
     ) -> None:
         tmp = self.path
         self._tmp = None
-        if exc_type is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if exc is not None:
+            self._discard(tmp)
+            if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS and _inside(exc.filename, tmp):
+                raise self._error(f"writing {exc.filename}", exc) from exc
             return
         try:
             self._commit(tmp)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._discard(tmp)
             raise
+
+    def _sibling(self, role: SiblingRole) -> Path:
+        return self.out.parent / f".{self.out.name}.{role}-{os.getpid()}-{secrets.token_hex(4)}"
+
+    def _error(self, action: str, exc: OSError, where: Path | None = None) -> ArtifactError:
+        """One message for a failed filesystem step: the path, the reason, what to do.
+
+        Args:
+            action: What was being done, naming the path, e.g. ``creating the directory /a/b``.
+            exc: The error.
+            where: The directory the advice names; the parent of ``out`` by default.
+        """
+        advice = _advice(exc, self.out.parent if where is None else where)
+        return ArtifactError(f"cannot write --out {self.out}: {action} failed ({_reason(exc)}); {advice}")
+
+    @contextmanager
+    def _step(self, action: str, where: Path | None = None) -> Iterator[None]:
+        """Turn an OSError of the step ``action`` into an ArtifactError (see :meth:`_error`)."""
+        try:
+            yield
+        except OSError as exc:
+            raise self._error(action, exc, where) from exc
+
+    def _make_parents(self) -> None:
+        """Create the missing parents of ``out``, remembering them so a failed run removes them."""
+        missing: list[Path] = []
+        parent = self.out.parent
+        while not os.path.lexists(parent) and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        for directory in reversed(missing):
+            with self._step(f"creating the directory {directory}", where=directory.parent):
+                try:
+                    directory.mkdir()
+                except FileExistsError:
+                    if not directory.is_dir():
+                        raise
+                    continue
+            self._created.append(directory)
+
+    def _remove_created_parents(self) -> None:
+        for directory in reversed(self._created):
+            try:
+                directory.rmdir()
+            except OSError:
+                break  # not empty: someone else wrote there meanwhile
+        self._created = []
+
+    def _discard(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            log.warning("could not remove %s; the next vlacl run writing --out %s removes it", tmp, self.out)
+        self._remove_created_parents()
+
+    def _recover(self) -> None:
+        """Clean up after vlacl processes that were killed while writing ``out``.
+
+        A ``.tmp`` sibling of a process that no longer runs is an unfinished artifact: removed. An
+        ``.old`` sibling is a complete previous artifact: renamed back to ``out`` if nothing took
+        its place (the newest one, if there are several), removed otherwise. Siblings of processes
+        that still run, or may, are left alone.
+        """
+        pattern = re.compile(rf"\.{re.escape(self.out.name)}\.(tmp|old)-(\d+)-[0-9A-Za-z]+")
+        stale: dict[str, list[tuple[float, Path, int]]] = {"tmp": [], "old": []}
+        try:
+            with os.scandir(self.out.parent) as listing:
+                for entry in listing:
+                    match = pattern.fullmatch(entry.name)
+                    if match is None or not entry.is_dir(follow_symlinks=False):
+                        continue
+                    pid = int(match.group(2))
+                    if not _pid_alive(pid):
+                        mtime = entry.stat(follow_symlinks=False).st_mtime
+                        stale[match.group(1)].append((mtime, Path(entry.path), pid))
+        except OSError:
+            return  # no parent yet (nothing to clean), or unreadable: creating the artifact reports it
+        for _, tmp, pid in stale["tmp"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.lexists(tmp):
+                log.warning("could not remove %s, left by vlacl process %d that no longer runs", tmp, pid)
+            else:
+                log.warning("removed %s, the unfinished output of vlacl process %d that no longer runs", tmp, pid)
+        for _, old, pid in sorted(stale["old"], reverse=True):  # newest first
+            if not os.path.lexists(self.out):
+                try:
+                    old.rename(self.out)
+                except OSError as exc:
+                    log.warning("could not restore %s from %s (%s)", self.out, old, _reason(exc))
+                    continue
+                log.warning(
+                    "restored %s from %s: vlacl process %d was stopped while replacing it, "
+                    "after moving the previous artifact aside",
+                    self.out,
+                    old,
+                    pid,
+                )
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.lexists(old):
+                log.warning("could not remove %s, left by vlacl process %d that no longer runs", old, pid)
+            else:
+                log.warning(
+                    "removed %s, a previous artifact kept aside by vlacl process %d that no longer runs; "
+                    "%s holds a newer one",
+                    old,
+                    pid,
+                    self.out,
+                )
 
     def _relative(self, target: Path) -> str:
         """``target`` relative to ``out`` when they share a directory below the filesystem root, else absolute.
@@ -174,14 +453,21 @@ class ArtifactWriter:
                     f"{CONFIG_NAME} is reserved for the resolved config; a command tried to write it itself"
                 )
             data = self.config_yaml.encode("utf-8")
-            _write_synced(tmp / CONFIG_NAME, data)
+            with self._step(f"writing {tmp / CONFIG_NAME}"):
+                (tmp / CONFIG_NAME).write_bytes(data)  # synced with the other files below
             config_sha = sha256_bytes(data)
+        with self._step(f"listing {tmp}"):
+            paths = sorted(tmp.rglob("*"))
         outputs: dict[str, OutputEntry] = {}
-        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        for file in paths:
+            if not file.is_file():
+                continue
             rel = file.relative_to(tmp).as_posix()
             if rel == MANIFEST_NAME:
                 raise ArtifactError(f"{MANIFEST_NAME} is reserved for the manifest; a command tried to write it itself")
-            outputs[rel] = OutputEntry(sha256=sha256_file(file), bytes=file.stat().st_size)
+            with self._step(f"reading and syncing {file}"):
+                digest, size = sha256_file_synced(file)
+            outputs[rel] = OutputEntry(sha256=digest, bytes=size)
         from vlacl import __version__
 
         manifest = Manifest(
@@ -197,23 +483,44 @@ class ArtifactWriter:
             details=self.details,
         )
         partial = tmp / (MANIFEST_NAME + ".partial")
-        _write_synced(partial, manifest.to_json().encode("utf-8"))
-        partial.replace(tmp / MANIFEST_NAME)
-        _fsync_dir(tmp)
+        with self._step(f"writing {tmp / MANIFEST_NAME}"):
+            _write_synced(partial, manifest.to_json().encode("utf-8"))
+            partial.replace(tmp / MANIFEST_NAME)
+        for directory in [*(p for p in paths if p.is_dir()), tmp]:
+            with self._step(f"syncing the directory {directory}"):
+                _fsync_dir(directory)
         self._move_into_place(tmp)
 
     def _move_into_place(self, tmp: Path) -> None:
-        check_output_dir(self.out, self.overwrite)
+        check_output_dir(self.out, self.overwrite, kind=self.kind)
         old: Path | None = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            self.out.rename(old)
+        if os.path.lexists(self.out):
+            old = self._sibling("old")
+            with self._step(f"moving the previous {self.out} aside to {old}"):
+                self.out.rename(old)
         try:
             tmp.rename(self.out)
-        except OSError:
+        except OSError as exc:
             if old is not None:
-                old.rename(self.out)
-            raise
-        _fsync_dir(self.out.parent)
+                try:
+                    old.rename(self.out)
+                except OSError:
+                    raise ArtifactError(
+                        f"cannot write --out {self.out}: renaming {tmp} to it failed ({_reason(exc)}), and so did "
+                        f"putting the previous artifact back; it is kept at {old}: rename it to {self.out} "
+                        "(the next vlacl run writing this --out does it itself)"
+                    ) from exc
+            raise self._error(f"renaming {tmp} to {self.out}", exc) from exc
+        try:
+            _fsync_dir(self.out.parent)
+        except OSError as exc:
+            log.warning(
+                "%s is complete, but syncing %s failed (%s): it may not survive a power loss",
+                self.out,
+                self.out.parent,
+                _reason(exc),
+            )
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+            if os.path.lexists(old):
+                log.warning("could not remove %s, the replaced artifact; the next vlacl run writing there does", old)

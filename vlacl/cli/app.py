@@ -7,7 +7,9 @@ Importing this module must stay cheap: no torch, transformers, peft (a test chec
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -18,7 +20,7 @@ from typer.core import TyperGroup
 from vlacl import __version__
 from vlacl.cli.cl_metrics import cl_metrics
 from vlacl.cli.logging_setup import configure_logging
-from vlacl.errors import VlaclError
+from vlacl.errors import Terminated, VlaclError
 
 ARGV_KEY = "vlacl.argv"
 
@@ -39,14 +41,45 @@ class VlaclGroup(TyperGroup):
         return ctx
 
     def invoke(self, ctx: Any) -> Any:
-        """Run the command; turn a VlaclError into one stderr line and an exit code."""
+        """Run the command; turn a VlaclError into one stderr line and an exit code.
+
+        SIGTERM and SIGHUP (a scheduler's time limit, a closed terminal) raise
+        :class:`~vlacl.errors.Terminated` inside the command, so open artifact writers remove
+        their temporary directories; the exit code is then 128 + the signal number.
+        """
+        previous = _raise_on_termination()
         try:
             return super().invoke(ctx)
         except VlaclError as exc:
-            if os.environ.get("VLACL_DEBUG", "") not in ("", "0"):
-                traceback.print_exc(file=sys.stderr)
+            _debug_traceback()
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except Terminated as exc:
+            _debug_traceback()
+            typer.echo(f"error: {exc}; nothing was written to --out", err=True)
+            raise typer.Exit(128 + exc.signum) from None
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("VLACL_DEBUG", "") not in ("", "0"):
+        traceback.print_exc(file=sys.stderr)
+
+
+def _raise_on_termination() -> dict[int, Any]:
+    """Make SIGTERM and SIGHUP raise Terminated; return the handlers to restore afterwards."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, handler)
+    return previous
 
 
 def command_line(ctx: typer.Context) -> list[str]:

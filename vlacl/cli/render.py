@@ -39,7 +39,8 @@ def print_metrics(result: ClMetricsResult) -> None:
     table = Table(title=f"Continual-learning metrics{ci}", title_justify="left")
     table.add_column("metric", style="bold")
     for run in result.runs:
-        table.add_column(f"{run.name}\n({len(run.matrix.stages)} stages)", justify="right")
+        stages = len(run.matrix.stages)
+        table.add_column(f"{run.name}\n({stages} stage{'s' if stages != 1 else ''})", justify="right")
     for key in result.to_dict()["metrics"]:
         table.add_row(_LABELS[key], *(_cell(run.metrics[key]) for run in result.runs))
     stdout.print(table)

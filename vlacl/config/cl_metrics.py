@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from vlacl.config.core import invalid, setting
 
+MAX_BOOTSTRAP = 100_000
+"""Beyond this the Monte Carlo error of the interval ends is far below the sampling error of the episodes."""
+
 
 @dataclass(frozen=True)
 class ClMetricsConfig:
@@ -22,7 +25,7 @@ class ClMetricsConfig:
     plot: bool = setting(True, "Write matrix.png, an annotated heatmap of each matrix.", flag="--plot/--no-plot")
 
     def __post_init__(self) -> None:
-        if self.n_bootstrap < 0:
-            raise invalid("n_bootstrap", f"must be >= 0, got {self.n_bootstrap}", ClMetricsConfig)
+        if not 0 <= self.n_bootstrap <= MAX_BOOTSTRAP:
+            raise invalid("n_bootstrap", f"must be in [0, {MAX_BOOTSTRAP}], got {self.n_bootstrap}", ClMetricsConfig)
         if not 0.0 < self.confidence < 1.0:
             raise invalid("confidence", f"must be in (0, 1), got {self.confidence}", ClMetricsConfig)

@@ -9,11 +9,14 @@ the metric over the replicates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from vlacl.metrics.matrix import EpisodeCounts
+
+CHUNK_CELLS = 4_000_000
+"""Cells (replicates x stages x tasks) drawn at once: 32 MB of float64 per chunk."""
 
 
 def resample(counts: EpisodeCounts, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
@@ -45,11 +48,37 @@ def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[floa
     return float(low), float(high)
 
 
-def metric_interval(
-    fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
-    values: np.ndarray,
-    init: np.ndarray | None,
+def bootstrap_intervals(
+    counts: EpisodeCounts,
+    order: Sequence[int],
+    metrics: Mapping[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]],
+    n_boot: int,
     confidence: float,
-) -> tuple[float, float]:
-    """Percentile interval of metric ``fn`` over aligned replicates ``values`` (B, T, T), ``init`` (B, T)."""
-    return percentile_interval(fn(values, init), confidence)
+    rng: np.random.Generator,
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of several metrics over the same bootstrap replicates.
+
+    Args:
+        counts: Episode counts of the run.
+        order: Column of the task trained at each stage, to align replicates as (B, T, T).
+        metrics: Name -> vectorized metric function of :mod:`vlacl.metrics.cl`.
+        n_boot: Number of replicates.
+        confidence: Coverage of the intervals.
+        rng: Source of randomness; the same seed gives the same intervals.
+
+    Replicates are drawn in chunks of at most :data:`CHUNK_CELLS` cells, so memory stays bounded
+    however many replicates are asked for.
+    """
+    cells = counts.episodes.size + (0 if counts.init_episodes is None else counts.init_episodes.size)
+    chunk = max(1, CHUNK_CELLS // max(cells, 1))
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in metrics}
+    done = 0
+    while done < n_boot:
+        size = min(chunk, n_boot - done)
+        values, init = resample(counts, size, rng)
+        aligned = values[:, :, list(order)]  # (b, T, T): column k = task trained at stage k
+        aligned_init = None if init is None else init[:, list(order)]  # (b, T)
+        for name, fn in metrics.items():
+            collected[name].append(fn(aligned, aligned_init))
+        done += size
+    return {name: percentile_interval(np.concatenate(parts), confidence) for name, parts in collected.items()}

@@ -9,21 +9,25 @@ metric      formula                                                        sourc
 =========== ============================================================== =========================
 asr         :math:`\frac1T \sum_j R_{T,j}`                                 average success rate
 bwt         :math:`\frac1{T-1} \sum_{j<T} (R_{T,j} - R_{j,j})`            Lopez-Paz & Ranzato 2017
-forgetting  :math:`\frac1{T-1} \sum_{j<T} (\max_{j \le l < T} R_{l,j}      Chaudhry et al. 2018
+forgetting  :math:`\frac1{T-1} \sum_{j<T} (\max_{l < T} R_{l,j}             Chaudhry et al. 2018
             - R_{T,j})`
 plasticity  :math:`\frac1T \sum_j R_{j,j}`                                 diagonal mean
 fwt         :math:`\frac1{T-1} \sum_{j>1} (R_{j-1,j} - b_j)`              Lopez-Paz & Ranzato 2017
-nbt         :math:`\frac1{T-1} \sum_{k<T} \frac1{T-k} \sum_{\tau>k}          Liu et al. 2023 (LIBERO)
+nbt         :math:`\frac1{T} \sum_{k<T} \frac1{T-k} \sum_{\tau>k}            Liu et al. 2023 (LIBERO)
             (R_{k,k} - R_{\tau,k})`
 auc         :math:`\frac1T \sum_k \frac1{T-k+1} (R_{k,k} +                   Liu et al. 2023 (LIBERO)
             \sum_{\tau>k} R_{\tau,k})`
 =========== ============================================================== =========================
 
+In forgetting, the maximum runs over the earlier stages that were evaluated: always those from
+task :math:`j`'s own stage on (required), and the stages before it when those cells exist.
 LIBERO defines :math:`R_{k,k}` in NBT and AUC as the best success seen while training task
-:math:`k`; from a matrix, the success after stage :math:`k` stands in for it, and NBT's last term
-(:math:`k = T`, which has no later stage) is left out of the mean. Every function here takes
-arrays with any leading batch dimensions, ``R`` of shape ``(..., T, T)`` and ``b`` of shape
-``(..., T)``, so the same code computes point estimates and bootstrap replicates.
+:math:`k`; from a matrix, the success after stage :math:`k` stands in for it. NBT keeps the
+paper's normalization by :math:`T`; its :math:`k = T` term, which has no later stage, adds 0.
+
+Every function here takes arrays with any leading batch dimensions, ``R`` of shape
+``(..., T, T)`` and ``b`` of shape ``(..., T)``, so the same code computes point estimates and
+bootstrap replicates.
 
 A metric the data cannot support is *unavailable*, with the reason, never 0: too few stages, no
 ``init`` row, or a needed cell that was not evaluated.
@@ -54,9 +58,13 @@ def bwt(r: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
 
 
 def forgetting(r: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """Average forgetting (Chaudhry et al., 2018, RWalk): best earlier success minus final, averaged."""
+    """Average forgetting (Chaudhry et al., 2018, RWalk): best earlier success minus final, averaged.
+
+    The maximum runs over every earlier stage that was evaluated, including stages before the
+    task was trained when those cells exist (cells not evaluated are ``NaN`` and skipped).
+    """
     t = r.shape[-1]
-    terms = [r[..., j : t - 1, j].max(axis=-1) - r[..., -1, j] for j in range(t - 1)]
+    terms = [np.nanmax(r[..., : t - 1, j], axis=-1) - r[..., -1, j] for j in range(t - 1)]
     return np.asarray(np.stack(terms, axis=-1).mean(axis=-1))
 
 
@@ -75,10 +83,13 @@ def fwt(r: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
 
 
 def nbt(r: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """Negative backward transfer (Liu et al., 2023, LIBERO); positive means forgetting."""
+    """Negative backward transfer (Liu et al., 2023, LIBERO); positive means forgetting.
+
+    Normalized by T as in the paper; the last task has no later stage and adds nothing.
+    """
     t = r.shape[-1]
     terms = [r[..., k, k] - r[..., k + 1 :, k].mean(axis=-1) for k in range(t - 1)]
-    return np.asarray(np.stack(terms, axis=-1).mean(axis=-1))
+    return np.asarray(np.stack(terms, axis=-1).sum(axis=-1) / t)
 
 
 def auc(r: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:

@@ -106,13 +106,19 @@ def read_matrix(path: Path) -> ResultMatrix:
             the row and column of the first bad cell.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputFormatError(f"{path} does not exist: pass a matrix .csv/.json file or an eval_results directory")
+    if not path.is_file():
+        raise InputFormatError(
+            f"{path} is not a regular file: pass a matrix .csv/.json file or an eval_results directory"
+        )
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start CSV files with a BOM
     except UnicodeDecodeError:
         raise InputFormatError(f"{path} is not UTF-8 text: a matrix file is CSV or JSON") from None
+    except OSError as exc:
+        raise InputFormatError(f"cannot read {path}: {exc.strerror}") from None
     if suffix == ".csv":
         return parse_matrix_csv(text, source=str(path))
     if suffix == ".json":
@@ -122,12 +128,20 @@ def read_matrix(path: Path) -> ResultMatrix:
 
 def parse_matrix_csv(text: str, source: str = "<csv>") -> ResultMatrix:
     """Parse the CSV form; see the module docstring."""
-    reader = csv.reader(io.StringIO(text))
-    lines = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))
+    try:
+        lines = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as exc:
+        raise InputFormatError(f"{source} line {reader.line_num} is not valid CSV: {exc}") from None
     if not lines:
         raise InputFormatError(f"{source} is empty: expected a header `stage,<task_1>,...,<task_T>` and rows")
     _, header = lines[0]
     header = [h.strip() for h in header]
+    if len(header) == 1 and ";" in header[0]:
+        raise InputFormatError(
+            f"{source}: the header is separated by ';'; vlacl reads comma-separated CSV with '.' as the "
+            "decimal point: export the table as comma-separated CSV"
+        )
     if header[0] != STAGE_COLUMN:
         raise InputFormatError(
             f"{source}: the first header cell is {header[0]!r}, expected `stage` (header: stage,<task_1>,...,<task_T>)"
@@ -151,6 +165,10 @@ def parse_matrix_json(text: str, source: str = "<json>") -> ResultMatrix:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputFormatError(f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise InputFormatError(f"{source} is nested too deeply to be a matrix file") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python converts
+        raise InputFormatError(f"{source} is not a readable JSON matrix: {exc}") from None
     if not isinstance(data, dict) or not {"tasks", "stages", "values"} <= set(data):
         raise InputFormatError(f'{source} must be an object with keys "tasks", "stages" and "values"')
     tasks, stages, values = data["tasks"], data["stages"], data["values"]
@@ -188,7 +206,10 @@ def _cell(raw: Any, source: str, where: str, stage: str, task: str) -> float:
                 f"{at}: {raw!r} is not a number; cells are success rates in [0, 1] or empty"
             ) from None
     elif isinstance(raw, int | float):
-        value = float(raw)
+        try:
+            value = float(raw)
+        except OverflowError:
+            raise InputFormatError(f"{at}: the number is too large; cells are success rates in [0, 1]") from None
     else:
         raise InputFormatError(f"{at}: {raw!r} is not a number; cells are success rates in [0, 1]")
     if not math.isfinite(value):

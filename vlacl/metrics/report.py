@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from collections.abc import Sequence
@@ -11,16 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from vlacl.artifacts.names import MATRIX_CSV_NAME, MATRIX_PNG_NAME, METRICS_NAME
+from vlacl.artifacts.names import MATRIX_CSV_NAME, MATRIX_PNG_NAME, METRICS_NAME, RESULTS_NAME
 from vlacl.artifacts.reader import Artifact, open_artifact
 from vlacl.artifacts.writer import ArtifactWriter, check_output_dir
 from vlacl.config.cl_metrics import ClMetricsConfig
 from vlacl.config.core import dump_config
 from vlacl.errors import InputFormatError
 from vlacl.evaluation.results import read_eval_results
-from vlacl.metrics.bootstrap import metric_interval, resample
+from vlacl.metrics.bootstrap import bootstrap_intervals
 from vlacl.metrics.cl import METRIC_NAMES, METRICS, unavailable_reason
 from vlacl.metrics.matrix import ResultMatrix, read_matrix
+
+log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -68,8 +71,9 @@ class RunMetrics:
         entry: dict[str, Any] = {
             "name": self.name,
             "source": self.source,
-            "num_tasks": len(self.matrix.tasks),
+            "num_tasks": len(self.matrix.stages),
             "num_stages": len(self.matrix.stages),
+            "num_evaluated_tasks": len(self.matrix.tasks),
             "num_episodes": None if counts is None else counts.total,
             "matrix_file": self.matrix_file,
         }
@@ -123,8 +127,19 @@ def load_run(spec: str) -> RunInput:
     name, path = parse_run_spec(spec)
     if path.is_dir():
         artifact = open_artifact(path, "eval_results")
-        return RunInput(name=name, path=path, matrix=read_eval_results(artifact), artifact=artifact)
-    return RunInput(name=name, path=path, matrix=read_matrix(path), artifact=None)
+        run = RunInput(name=name, path=path, matrix=read_eval_results(artifact), artifact=artifact)
+    else:
+        run = RunInput(name=name, path=path, matrix=read_matrix(path), artifact=None)
+    counts = run.matrix.counts
+    log.debug(
+        "run %s from %s: %d stages, %d tasks, %s episodes",
+        name,
+        path,
+        len(run.matrix.stages),
+        len(run.matrix.tasks),
+        "no" if counts is None else counts.total,
+    )
+    return run
 
 
 def compute_run_metrics(run: RunInput, cfg: ClMetricsConfig, matrix_file: str | None = None) -> RunMetrics:
@@ -136,27 +151,33 @@ def compute_run_metrics(run: RunInput, cfg: ClMetricsConfig, matrix_file: str | 
     notes: list[str] = []
     if matrix.untrained_tasks:
         notes.append("tasks evaluated but never trained, left out of the metrics: " + ", ".join(matrix.untrained_tasks))
-    boot_values = boot_init = None
-    if cfg.n_bootstrap > 0 and matrix.counts is not None:
-        rng = np.random.default_rng(cfg.seed)
-        boot_values, boot_init = resample(matrix.counts, cfg.n_bootstrap, rng)
-        boot_values = boot_values[:, :, order]  # (B, T, T)
-        boot_init = None if boot_init is None else boot_init[:, order]  # (B, T)
-    elif cfg.n_bootstrap > 0:
-        notes.append("no confidence intervals: they need per-episode results (an eval_results artifact)")
-    results: dict[str, MetricResult] = {}
+    values: dict[str, float] = {}
+    reasons: dict[str, str] = {}
     for key in METRIC_NAMES:
-        spec = METRICS[key]
-        reason = unavailable_reason(spec, aligned, init, matrix.stages)
-        if reason is not None:
-            results[key] = MetricResult(value=None, ci=None, reason=reason)
+        reason = unavailable_reason(METRICS[key], aligned, init, matrix.stages)
+        if reason is None:
+            values[key] = float(METRICS[key].fn(aligned, init))
+        else:
+            reasons[key] = reason
             notes.append(f"{key} unavailable: {reason}")
-            continue
-        value = float(spec.fn(aligned, init))
-        ci = None
-        if boot_values is not None and not (spec.needs_init and boot_init is None):
-            ci = metric_interval(spec.fn, boot_values, boot_init, cfg.confidence)
-        results[key] = MetricResult(value=value, ci=ci, reason=None)
+    intervals: dict[str, tuple[float, float]] = {}
+    if cfg.n_bootstrap > 0 and matrix.counts is not None:
+        log.debug("run %s: %d bootstrap resamples, seed %d", run.name, cfg.n_bootstrap, cfg.seed)
+        intervals = bootstrap_intervals(
+            matrix.counts,
+            order,
+            {key: METRICS[key].fn for key in values},
+            cfg.n_bootstrap,
+            cfg.confidence,
+            np.random.default_rng(cfg.seed),
+        )
+    elif cfg.n_bootstrap > 0 and run.artifact is not None:
+        notes.append(f"no confidence intervals: the eval_results artifact has no per-episode {RESULTS_NAME}")
+    elif cfg.n_bootstrap > 0:
+        notes.append("no confidence intervals: a matrix file has no per-episode results (an eval_results artifact has)")
+    results = {
+        key: MetricResult(value=values.get(key), ci=intervals.get(key), reason=reasons.get(key)) for key in METRIC_NAMES
+    }
     return RunMetrics(
         name=run.name, source=str(run.path), matrix=matrix, metrics=results, notes=tuple(notes), matrix_file=matrix_file
     )
@@ -195,7 +216,7 @@ def run_cl_metrics(
     if not specs:
         raise InputFormatError("no runs given: pass a matrix .csv/.json file or an eval_results directory")
     if out is not None:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, kind="cl_metrics")
     runs = [load_run(spec) for spec in specs]
     seen: dict[str, str] = {}
     for run, spec in zip(runs, specs, strict=True):
