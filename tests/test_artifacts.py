@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,9 +33,12 @@ from vlacl.artifacts import (
 )
 from vlacl.artifacts.names import CONFIG_NAME, PRODUCERS
 from vlacl.artifacts.reader import Artifact
-from vlacl.errors import ArtifactError, OutputExistsError
+from vlacl.errors import ArtifactError, OutputExistsError, Terminated
 
 SHM = Path("/dev/shm")
+
+HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "unknown"
+"""This machine's name as the writer puts it into the names of hidden siblings."""
 
 CONFIG_TEXT = "n_bootstrap: 1000\nconfidence: 0.95\nseed: 0\nplot: true\n"
 
@@ -84,6 +88,19 @@ def read_json(path: Path) -> Any:
 
 def write_manifest(directory: Path, data: Mapping[str, Any]) -> None:
     (directory / MANIFEST_NAME).write_text(json.dumps(data), encoding="utf-8")
+
+
+def enter(out: Path, kind: str = "eval_results", *, overwrite: bool = False) -> None:
+    """Enter a writer for ``out``, where :func:`check_output_dir` runs, writing nothing of its own."""
+    with ArtifactWriter(out, kind, command=[], config_yaml=None, seed=0, overwrite=overwrite):
+        pass
+
+
+def test_constructing_a_writer_checks_nothing(tmp_path: Path) -> None:
+    out = make_artifact(tmp_path / "out")
+    ArtifactWriter(out, "ds_stats", command=[], config_yaml=None, seed=0)
+    with pytest.raises(OutputExistsError, match="holds an eval_results artifact"):
+        enter(out, "ds_stats", overwrite=True)
 
 
 def test_commit_writes_the_file_set_and_manifest(tmp_path: Path) -> None:
@@ -210,7 +227,7 @@ def test_refuses_an_existing_artifact_without_overwrite(tmp_path: Path) -> None:
         check_output_dir(out, overwrite=False)
     assert str(info.value) == expected
     with pytest.raises(OutputExistsError) as info:
-        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0)
+        enter(out)
     assert str(info.value) == expected
     assert info.value.exit_code == 2
     assert (out / MANIFEST_NAME).read_bytes() == before
@@ -248,7 +265,7 @@ def test_never_replaces_a_non_artifact_directory(tmp_path: Path, overwrite: bool
     out.mkdir()
     (out / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(OutputExistsError) as info:
-        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=overwrite)
+        enter(out, overwrite=overwrite)
     message = str(info.value)
     assert f"--out {out} is a non-empty directory that is not a vlacl artifact (no {MANIFEST_NAME})" in message
     assert "vlacl never replaces it, even with --overwrite" in message
@@ -274,9 +291,35 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path, overwrite: bool) -> None:
     out = tmp_path / "out"
     out.write_text("keep", encoding="utf-8")
     with pytest.raises(OutputExistsError) as info:
-        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=overwrite)
+        enter(out, overwrite=overwrite)
     assert str(info.value) == f"--out {out} is an existing file: choose a directory path that does not exist"
     assert out.read_text(encoding="utf-8") == "keep"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_that_is_a_symlink_is_refused(tmp_path: Path, overwrite: bool) -> None:
+    real = make_artifact(tmp_path / "real")
+    before = (real / MANIFEST_NAME).read_bytes()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    for out, target in ((link, real), (dangling, tmp_path / "nowhere")):
+        expected = (
+            f"--out {out} is a symbolic link: vlacl does not write through it; "
+            f"pass the real directory path instead, --out {os.path.realpath(target)}"
+        )
+        with pytest.raises(OutputExistsError) as info:
+            check_output_dir(out, overwrite, kind="eval_results")
+        assert str(info.value) == expected
+        with pytest.raises(OutputExistsError) as info:
+            make_artifact(out, files={"new.bin": b"new"}, overwrite=overwrite)
+        assert str(info.value) == expected
+        assert info.value.exit_code == 2
+    assert entries(tmp_path) == {"real", "link", "dangling"}
+    assert link.readlink() == real
+    assert (real / MANIFEST_NAME).read_bytes() == before
+    assert file_set(real) == {"data.bin", CONFIG_NAME, MANIFEST_NAME}
 
 
 def test_input_equal_to_out_is_refused(tmp_path: Path) -> None:
@@ -311,7 +354,7 @@ def test_out_inside_an_input_is_refused(tmp_path: Path) -> None:
     source = make_artifact(tmp_path / "src", "ds_stats")
     before = entries(source)
     with pytest.raises(OutputExistsError) as info:
-        ArtifactWriter(source / "nested" / ".." / "nested", "cl_metrics", command=[], config_yaml=None, seed=0)
+        enter(source / "nested" / ".." / "nested", "cl_metrics")
     assert str(info.value) == (
         f"--out {source / 'nested'} lies inside {source}, which is a ds_stats artifact (written by `vlacl ds-stats`): "
         "writing there would add files its manifest does not list; choose an --out outside every artifact directory"
@@ -391,6 +434,25 @@ def test_open_corrupt_json(tmp_path: Path) -> None:
         open_artifact(path, "eval_results")
     assert str(info.value) == (
         f"{path / MANIFEST_NAME} is not valid JSON (line 1): the artifact is damaged; "
+        "expected an eval_results artifact (written by `vlacl eval-suite`)"
+    )
+
+
+UNREADABLE_MANIFESTS = [
+    pytest.param(b'\xff{"kind": "eval_results"}', "not UTF-8 text (byte 0 is 0xff)", id="not-utf8"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to read", id="deep"),
+    pytest.param(b'{"seed": ' + b"7" * 5000 + b"}", "JSON holding an integer too long to read", id="long-int"),
+]
+
+
+@pytest.mark.parametrize(("data", "reason"), UNREADABLE_MANIFESTS)
+def test_open_an_unparsable_manifest(tmp_path: Path, data: bytes, reason: str) -> None:
+    path = make_artifact(tmp_path / "run")
+    (path / MANIFEST_NAME).write_bytes(data)
+    with pytest.raises(ArtifactError) as info:
+        open_artifact(path, "eval_results")
+    assert str(info.value) == (
+        f"{path / MANIFEST_NAME} is {reason}: the artifact is damaged; "
         "expected an eval_results artifact (written by `vlacl eval-suite`)"
     )
 
@@ -623,6 +685,37 @@ def test_input_path_without_a_common_directory_stays_absolute(tmp_path: Path, sh
     assert statuses(out) == [(1, "src", "file", outside, "ok")]
 
 
+def test_input_paths_are_relative_between_real_paths(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    (deep / "link").symlink_to(real, target_is_directory=True)
+    stats = make_artifact(real / "stats", "ds_stats")
+    suite = real / "suite.yaml"
+    suite.write_text("tasks: [pick]\n", encoding="utf-8")
+    out = make_artifact(
+        deep / "link" / "evals",
+        inputs=[("stats", open_artifact(stats)), ("again", open_artifact(deep / "link" / "stats"))],
+        file_inputs=[("suite", suite)],
+    )
+    assert [i["path"] for i in read_json(out / MANIFEST_NAME)["inputs"]] == ["../stats", "../stats", "../suite.yaml"]
+    assert statuses(out) == [
+        (1, "stats", "ds_stats", stats.resolve(), "ok"),
+        (1, "again", "ds_stats", stats.resolve(), "ok"),
+        (1, "suite", "file", suite.resolve(), "ok"),
+    ]
+
+
+def test_input_path_is_absolute_when_real_paths_share_no_directory(tmp_path: Path, shm_dir: Path) -> None:
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks: [pick]\n", encoding="utf-8")
+    (tmp_path / "shm").symlink_to(shm_dir, target_is_directory=True)
+    out = make_artifact(tmp_path / "shm" / "run", file_inputs=[("suite", suite)])
+    assert read_json(out / MANIFEST_NAME)["inputs"][0]["path"] == str(suite.resolve())
+    assert statuses(out) == [(1, "suite", "file", suite.resolve(), "ok")]
+
+
 def test_producer_of_every_kind() -> None:
     assert producer_of("eval_results") == "vlacl eval-suite"
     assert producer_of("task_checkpoint") == "vlacl train-task"
@@ -637,8 +730,8 @@ def all_entries(directory: Path) -> set[str]:
 
 
 def masked(message: object) -> str:
-    """``message`` with the pid and random part of hidden sibling names replaced by ``PID-HEX``."""
-    return re.sub(r"\.(tmp|old)-\d+-[0-9a-f]{8}\b", r".\1-PID-HEX", str(message))
+    """``message`` with the host, pid and random part of hidden sibling names replaced by ``HOST-PID-HEX``."""
+    return re.sub(rf"\.(tmp|old)-{re.escape(HOST)}-\d+-[0-9a-f]{{8}}\b", r".\1-HOST-PID-HEX", str(message))
 
 
 @pytest.mark.parametrize("below", ["x", "x/y"])
@@ -654,7 +747,7 @@ def test_out_below_a_file_is_refused_before_the_work(tmp_path: Path, below: str)
         check_output_dir(out, overwrite=True, kind="eval_results")
     assert str(info.value) == expected
     with pytest.raises(OutputExistsError) as info:
-        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0)
+        enter(out)
     assert str(info.value) == expected
     assert all_entries(tmp_path) == {"somefile.csv"}
     assert somefile.read_text(encoding="utf-8") == "a,b\n"
@@ -664,10 +757,20 @@ def test_out_below_a_file_is_refused_before_the_work(tmp_path: Path, below: str)
 def test_out_that_cannot_be_created_is_an_artifact_error() -> None:
     with pytest.raises(ArtifactError) as info:
         make_artifact(Path("/proc/x"))
-    message = str(info.value)
     assert type(info.value) is ArtifactError
-    assert message.startswith("cannot write --out /proc/x: creating the temporary directory /proc/.x.tmp-")
-    assert message.endswith(", or choose another --out") or message.endswith(": choose another --out")
+    cause = info.value.__cause__
+    assert isinstance(cause, OSError)
+    advice = {  # what mkdir in /proc fails with depends on the kernel and the user
+        errno.ENOENT: "check that /proc is a writable directory, or choose another --out",
+        errno.EACCES: "check the permissions of /proc, or choose another --out",
+        errno.EPERM: "check the permissions of /proc, or choose another --out",
+        errno.EROFS: "/proc is on a read-only filesystem: choose another --out",
+    }
+    assert cause.errno in advice
+    assert masked(info.value) == (
+        "cannot write --out /proc/x: creating the temporary directory /proc/.x.tmp-HOST-PID-HEX failed "
+        f"({os.strerror(cause.errno)}); {advice[cause.errno]}"
+    )
     assert not any(p.name.startswith(".x.") for p in Path("/proc").iterdir())
 
 
@@ -691,8 +794,14 @@ def test_read_only_parent_is_an_artifact_error(tmp_path: Path) -> None:
     ("code", "advice"),
     [
         (errno.EACCES, "check the permissions of {where}, or choose another --out"),
+        (errno.EPERM, "check the permissions of {where}, or choose another --out"),
         (errno.EROFS, "{where} is on a read-only filesystem: choose another --out"),
         (errno.ENOSPC, "free space on the disk of {where}, or choose another --out"),
+        (errno.EDQUOT, "free space on the disk of {where}, or choose another --out"),
+        (errno.EFBIG, "a file is larger than the filesystem of {where} allows: choose another --out"),
+        (errno.ENOTDIR, "a parent of --out is a file, not a directory: choose another --out"),
+        (errno.EIO, "the disk holding {where} reported an error: check it, or choose another --out"),
+        (errno.ENAMETOOLONG, "check that {where} is a writable directory, or choose another --out"),
     ],
 )
 @pytest.mark.parametrize("depth", [0, 2])
@@ -712,7 +821,7 @@ def test_a_directory_that_cannot_be_created_is_an_artifact_error(
     out = locked.joinpath(*["sub"] * depth, "out")
     with pytest.raises(ArtifactError) as info:
         make_artifact(out)
-    step = f"the directory {locked / 'sub'}" if depth else f"the temporary directory {locked}/.out.tmp-PID-HEX"
+    step = f"the directory {locked / 'sub'}" if depth else f"the temporary directory {locked}/.out.tmp-HOST-PID-HEX"
     assert masked(info.value) == (
         f"cannot write --out {out}: creating {step} failed ({os.strerror(code)}); {advice.format(where=locked)}"
     )
@@ -749,6 +858,34 @@ def test_disk_full_while_a_command_writes_is_an_artifact_error(tmp_path: Path) -
     assert entries(tmp_path) == set()
 
 
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_disk_error_naming_no_file_inside_is_an_artifact_error(tmp_path: Path, copy: bool) -> None:
+    out = tmp_path / "out"
+    seen: list[Path] = []
+
+    def fail(writer: ArtifactWriter) -> None:
+        seen.append(writer.path)
+        if copy:  # as shutil.copyfile raises it: the source first, the target second
+            source, target = str(tmp_path / "source.bin"), str(writer.path / "copy.bin")
+            raise OSError(errno.ENOSPC, "No space left on device", source, None, target)
+        raise OSError(errno.EFBIG, "File too large")  # as a write to an open file raises it: no file name
+
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out, body=fail)
+    if copy:
+        expected = (
+            f"writing {seen[0] / 'copy.bin'} failed (No space left on device); "
+            f"free space on the disk of {tmp_path}, or choose another --out"
+        )
+    else:
+        expected = (
+            f"writing into {seen[0]} failed (File too large); "
+            f"a file is larger than the filesystem of {tmp_path} allows: choose another --out"
+        )
+    assert str(info.value) == f"cannot write --out {out}: {expected}"
+    assert entries(tmp_path) == set()
+
+
 def test_other_errors_of_a_command_propagate_unchanged(tmp_path: Path) -> None:
     def missing_input(writer: ArtifactWriter) -> None:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "input.csv"))
@@ -767,7 +904,7 @@ def test_a_sync_error_during_commit_is_an_artifact_error(tmp_path: Path, monkeyp
     with pytest.raises(ArtifactError) as info:
         make_artifact(out, files={"data.bin": b"d"})
     assert masked(info.value) == (
-        f"cannot write --out {out}: reading and syncing {tmp_path}/.out.tmp-PID-HEX/{CONFIG_NAME} failed "
+        f"cannot write --out {out}: reading and syncing {tmp_path}/.out.tmp-HOST-PID-HEX/{CONFIG_NAME} failed "
         f"(Input/output error); the disk holding {tmp_path} reported an error: check it, or choose another --out"
     )
     assert entries(tmp_path) == set()
@@ -795,7 +932,7 @@ def test_a_failed_final_rename_keeps_out_as_it_was(
     with pytest.raises(ArtifactError) as info:
         make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
     assert masked(info.value) == (
-        f"cannot write --out {out}: renaming {tmp_path}/.out.tmp-PID-HEX to {out} failed (Input/output error); "
+        f"cannot write --out {out}: renaming {tmp_path}/.out.tmp-HOST-PID-HEX to {out} failed (Input/output error); "
         f"the disk holding {tmp_path} reported an error: check it, or choose another --out"
     )
     if before is None:
@@ -813,7 +950,7 @@ def test_a_failed_move_aside_keeps_out_as_it_was(tmp_path: Path, monkeypatch: py
     with pytest.raises(ArtifactError) as info:
         make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
     assert masked(info.value) == (
-        f"cannot write --out {out}: moving the previous {out} aside to {tmp_path}/.out.old-PID-HEX failed "
+        f"cannot write --out {out}: moving the previous {out} aside to {tmp_path}/.out.old-HOST-PID-HEX failed "
         f"(Input/output error); the disk holding {tmp_path} reported an error: check it, or choose another --out"
     )
     assert entries(tmp_path) == {"out"}
@@ -827,14 +964,84 @@ def test_a_failed_restore_names_where_the_previous_artifact_is(tmp_path: Path, m
     with pytest.raises(ArtifactError) as info:
         make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
     (old,) = entries(tmp_path)
-    assert masked(old) == ".out.old-PID-HEX"
+    assert masked(old) == ".out.old-HOST-PID-HEX"
     assert masked(info.value) == (
-        f"cannot write --out {out}: renaming {tmp_path}/.out.tmp-PID-HEX to it failed (Input/output error), "
-        f"and so did putting the previous artifact back; it is kept at {tmp_path}/.out.old-PID-HEX: rename it to "
+        f"cannot write --out {out}: renaming {tmp_path}/.out.tmp-HOST-PID-HEX to it failed (Input/output error), "
+        f"and so did putting the previous artifact back; it is kept at {tmp_path}/.out.old-HOST-PID-HEX: rename it to "
         f"{out} (the next vlacl run writing this --out does it itself)"
     )
     assert str(tmp_path / old) in str(info.value)
     assert (tmp_path / old / MANIFEST_NAME).read_bytes() == before
+
+
+@pytest.mark.parametrize("interruption", [Terminated(signal.SIGTERM), KeyboardInterrupt()], ids=["term", "int"])
+@pytest.mark.parametrize("when", ["after-move-aside", "at-final-rename"])
+def test_an_interruption_between_the_renames_puts_the_previous_artifact_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interruption: BaseException, when: str
+) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old"})
+    before = (out / MANIFEST_NAME).read_bytes()
+    real_rename = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], **kwargs: Any) -> None:
+        if when == "after-move-aside" and Path(src).name == "out":
+            real_rename(src, dst, **kwargs)
+            raise interruption  # the signal arrives as the rename returns
+        if when == "at-final-rename" and Path(src).name.startswith(".out.tmp-"):
+            raise interruption
+        real_rename(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(type(interruption)):
+        make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
+    assert entries(tmp_path) == {"out"}
+    assert (out / MANIFEST_NAME).read_bytes() == before
+    assert file_set(out) == {"old.bin", CONFIG_NAME, MANIFEST_NAME}
+
+
+def test_an_interruption_after_the_final_rename_keeps_the_new_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old"})
+    real_rename = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], **kwargs: Any) -> None:
+        real_rename(src, dst, **kwargs)
+        if Path(src).name.startswith(".out.tmp-"):
+            raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Terminated):
+        make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
+    assert file_set(out) == {"new.bin", CONFIG_NAME, MANIFEST_NAME}
+    (old,) = entries(tmp_path) - {"out"}
+    assert masked(old) == ".out.old-HOST-PID-HEX"  # removed by the next writer, as a killed process's would be
+
+
+def test_a_failed_restore_after_an_interruption_names_where_the_previous_artifact_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = make_artifact(tmp_path / "out", files={"old.bin": b"old"})
+    real_rename = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], **kwargs: Any) -> None:
+        if Path(src).name.startswith(".out.tmp-"):
+            raise Terminated(signal.SIGTERM)
+        if Path(src).name.startswith(".out.old-"):
+            raise OSError(errno.EIO, "Input/output error", os.fspath(src), None, os.fspath(dst))
+        real_rename(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(ArtifactError) as info:
+        make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
+    assert isinstance(info.value.__cause__, Terminated)
+    assert masked(info.value) == (
+        f"cannot write --out {out}: renaming {tmp_path}/.out.tmp-HOST-PID-HEX to it failed (terminated by SIGTERM), "
+        f"and so did putting the previous artifact back; it is kept at {tmp_path}/.out.old-HOST-PID-HEX: rename it "
+        f"to {out} (the next vlacl run writing this --out does it itself)"
+    )
+    (old,) = entries(tmp_path)
+    assert file_set(tmp_path / old) == {"old.bin", CONFIG_NAME, MANIFEST_NAME}
 
 
 # --overwrite replaces only an artifact of the same kind.
@@ -853,7 +1060,7 @@ def test_never_replaces_an_artifact_of_another_kind(tmp_path: Path, overwrite: b
         check_output_dir(out, overwrite, kind="eval_results")
     assert str(info.value) == expected
     with pytest.raises(OutputExistsError) as info:
-        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=overwrite)
+        enter(out, overwrite=overwrite)
     assert str(info.value) == expected
     assert info.value.exit_code == 2
     assert entries(tmp_path) == {"out"}
@@ -881,17 +1088,19 @@ def test_an_artifact_of_another_kind_appearing_during_the_run_is_kept(tmp_path: 
     assert open_artifact(out).kind == "ds_stats"
 
 
-@pytest.mark.parametrize("text", ['{"kind": ', '["eval_results"]', '{"kind": 3}'])
-def test_an_unreadable_manifest_at_out_is_never_replaced(tmp_path: Path, text: str) -> None:
+@pytest.mark.parametrize(
+    "data", [b'{"kind": ', b'["eval_results"]', b'{"kind": 3}', *(p.values[0] for p in UNREADABLE_MANIFESTS)]
+)
+def test_an_unreadable_manifest_at_out_is_never_replaced(tmp_path: Path, data: bytes) -> None:
     out = make_artifact(tmp_path / "out")
-    (out / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    (out / MANIFEST_NAME).write_bytes(data)
     with pytest.raises(OutputExistsError) as info:
-        ArtifactWriter(out, "eval_results", command=[], config_yaml=None, seed=0, overwrite=True)
+        enter(out, overwrite=True)
     assert str(info.value) == (
         f"--out {out} holds a {MANIFEST_NAME} that cannot be read, so vlacl cannot tell what it would replace; "
         "it never replaces it, even with --overwrite: choose another --out or remove it yourself"
     )
-    assert (out / MANIFEST_NAME).read_text(encoding="utf-8") == text
+    assert (out / MANIFEST_NAME).read_bytes() == data
 
 
 # No --out inside another artifact.
@@ -924,9 +1133,10 @@ def test_out_inside_an_artifact_through_a_symlink_is_refused(tmp_path: Path) -> 
     assert entries(art) == {"data.bin", CONFIG_NAME, MANIFEST_NAME}
 
 
-def test_out_inside_an_artifact_with_a_damaged_manifest_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data", [b"{", *(p.values[0] for p in UNREADABLE_MANIFESTS)])
+def test_out_inside_an_artifact_with_a_damaged_manifest_is_refused(tmp_path: Path, data: bytes) -> None:
     art = make_artifact(tmp_path / "art")
-    (art / MANIFEST_NAME).write_text("{", encoding="utf-8")
+    (art / MANIFEST_NAME).write_bytes(data)
     with pytest.raises(OutputExistsError, match=f"lies inside {re.escape(str(art))}, which is a vlacl artifact:"):
         check_output_dir(art / "sub", overwrite=False)
 
@@ -949,7 +1159,7 @@ def test_every_file_is_synced_before_the_rename(tmp_path: Path, monkeypatch: pyt
     before_rename = [path for path, out_exists in synced if not out_exists]
     assert [path for path, out_exists in synced if out_exists] == [tmp_path]
     (tmp,) = {path.relative_to(tmp_path).parts[0] for path in before_rename}
-    assert masked(tmp) == ".out.tmp-PID-HEX"
+    assert masked(tmp) == ".out.tmp-HOST-PID-HEX"
     assert sorted(path.relative_to(tmp_path / tmp).as_posix() for path in before_rename) == sorted(
         [
             ".",
@@ -958,7 +1168,7 @@ def test_every_file_is_synced_before_the_rename(tmp_path: Path, monkeypatch: pyt
             "sub",
             "sub/deeper",
             "sub/deeper/extra.bin",
-            f"{MANIFEST_NAME}.partial",
+            MANIFEST_NAME,
         ]
     )
     assert len(before_rename) == len(set(before_rename))
@@ -1019,7 +1229,8 @@ def test_a_killed_writer_is_cleaned_up_by_the_next_one(
     assert child.returncode == -signal.SIGKILL, child.stderr
     left = Path(child.stdout.strip())
     assert left.parent == tmp_path
-    assert re.fullmatch(r"\.out\.tmp-(\d+)-[0-9a-f]+", left.name)
+    match = re.fullmatch(rf"\.out\.tmp-{re.escape(HOST)}-(\d+)-[0-9a-f]{{8}}", left.name)
+    assert match is not None
     assert entries(tmp_path) == {left.name}
     assert entries(left) == {"half.bin"}
 
@@ -1027,13 +1238,18 @@ def test_a_killed_writer_is_cleaned_up_by_the_next_one(
     assert entries(tmp_path) == {"out"}
     assert file_set(out) == {"data.bin", CONFIG_NAME, MANIFEST_NAME}
     assert open_artifact(out, "eval_results", verify=True).kind == "eval_results"
-    pid = int(left.name.split("-")[1])
-    assert warnings_of_writer() == [f"removed {left}, the unfinished output of vlacl process {pid} that no longer runs"]
+    pid = int(match.group(1))
+    assert warnings_of_writer() == [f"removed {left}, left by vlacl process {pid} that no longer runs"]
+
+
+def sibling(out: Path, role: str, pid: int, host: str = HOST) -> Path:
+    """The hidden sibling of ``out`` that a writer of role ``role`` on ``host`` in process ``pid`` makes."""
+    return out.parent / f".{out.name}.{role}-{host}-{pid}-0a1b2c3d"
 
 
 def put_aside(out: Path, pid: int) -> Path:
     """Rename the artifact ``out`` as an overwrite by process ``pid`` does just before its final rename."""
-    old = out.parent / f".{out.name}.old-{pid}-0a1b2c3d"
+    old = sibling(out, "old", pid)
     out.rename(old)
     return old
 
@@ -1046,7 +1262,7 @@ def test_a_writer_killed_between_the_renames_is_restored(
     before = (out / MANIFEST_NAME).read_bytes()
     pid = dead_pid()
     old = put_aside(out, pid)
-    tmp = tmp_path / f".out.tmp-{pid}-deadbeef"
+    tmp = sibling(out, "tmp", pid)
     shutil.copytree(old, tmp)
     (tmp / MANIFEST_NAME).unlink()
     assert entries(tmp_path) == {old.name, tmp.name}
@@ -1061,9 +1277,8 @@ def test_a_writer_killed_between_the_renames_is_restored(
         assert open_artifact(out, "eval_results", verify=True).has_file("old.bin")
     assert entries(tmp_path) == {"out"}
     assert warnings_of_writer() == [
-        f"removed {tmp}, the unfinished output of vlacl process {pid} that no longer runs",
-        f"restored {out} from {old}: vlacl process {pid} was stopped while replacing it, "
-        "after moving the previous artifact aside",
+        f"removed {tmp}, left by vlacl process {pid} that no longer runs",
+        f"restored {out} from {old}: vlacl process {pid} was stopped while replacing it",
     ]
 
 
@@ -1077,10 +1292,7 @@ def test_a_stale_previous_artifact_is_removed_once_out_was_written(
     make_artifact(out, files={"new.bin": b"new"}, overwrite=True)
     assert entries(tmp_path) == {"out"}
     assert file_set(out) == {"new.bin", CONFIG_NAME, MANIFEST_NAME}
-    assert warnings_of_writer() == [
-        f"removed {old}, a previous artifact kept aside by vlacl process {pid} that no longer runs; "
-        f"{out} holds a newer one"
-    ]
+    assert warnings_of_writer() == [f"removed {old}, left by vlacl process {pid} that no longer runs"]
 
 
 def test_the_newest_of_several_previous_artifacts_is_restored(tmp_path: Path) -> None:
@@ -1102,16 +1314,55 @@ def test_siblings_of_running_processes_are_left_alone(
 ) -> None:
     out = make_artifact(tmp_path / "out")
     alive = [os.getpid(), 1]
-    siblings = {tmp_path / f".out.{role}-{pid}-0a1b2c3d" for role in ("tmp", "old") for pid in alive}
-    for sibling in siblings:
-        shutil.copytree(out, sibling)
-    unrelated = {tmp_path / name for name in (".other.tmp-1-ab", ".out.tmp-x-ab", ".out.old-12-a-b", "out.tmp-1-ab")}
+    siblings = {sibling(out, role, pid) for role in ("tmp", "old") for pid in alive}
+    for path in siblings:
+        shutil.copytree(out, path)
+    names = (".other.tmp-1-ab", ".out.tmp-x-ab", ".out.old-12-a-b", "out.tmp-1-ab", ".out.tmp-1-ab")
+    unrelated = {tmp_path / name for name in names} | {
+        tmp_path / f".out.tmp-{HOST}-x-ab",
+        tmp_path / f".out.old-{HOST}-12-a-b",
+        tmp_path / f".out.tmp-{HOST}-12-AB",
+        tmp_path / f".other.tmp-{HOST}-{dead_pid()}-ab",
+    }
     for path in unrelated:
         path.mkdir()
     shutil.rmtree(out)
     make_artifact(out)
     assert entries(tmp_path) == {"out"} | {p.name for p in siblings | unrelated}
     assert warnings_of_writer() == []
+
+
+def test_siblings_of_another_host_are_left_alone(tmp_path: Path, warnings_of_writer: Callable[[], list[str]]) -> None:
+    out = make_artifact(tmp_path / "out")
+    pid = dead_pid()
+    ours = sibling(out, "tmp", pid)
+    ours.mkdir()
+    theirs = {sibling(out, role, pid, host=host) for role in ("tmp", "old") for host in ("other", f"{HOST}-7")}
+    for path in theirs:
+        shutil.copytree(out, path)
+    shutil.rmtree(out)
+    make_artifact(out, seed=5)
+    assert entries(tmp_path) == {"out"} | {p.name for p in theirs}
+    assert open_artifact(out).manifest.seed == 5
+    assert warnings_of_writer() == [f"removed {ours}, left by vlacl process {pid} that no longer runs"]
+
+
+def test_the_host_name_is_sanitized_and_may_hold_hyphens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warnings_of_writer: Callable[[], list[str]]
+) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-7.lab cluster/\u00e9")
+    host = "node-7.lab_cluster__"
+    out = tmp_path / "out"
+    pid = dead_pid()
+    stale = sibling(out, "tmp", pid, host=host)
+    others = {sibling(out, "tmp", pid, host=name) for name in ("node", "node-7", f"{host}-1")}
+    for path in (stale, *others):
+        path.mkdir()
+    names: list[str] = []
+    make_artifact(out, body=lambda writer: names.append(writer.path.name))
+    assert re.fullmatch(rf"\.out\.tmp-{re.escape(host)}-{os.getpid()}-[0-9a-f]{{8}}", names[0])
+    assert entries(tmp_path) == {"out"} | {p.name for p in others}
+    assert warnings_of_writer() == [f"removed {stale}, left by vlacl process {pid} that no longer runs"]
 
 
 @pytest.mark.parametrize(
@@ -1122,7 +1373,7 @@ def test_a_process_is_dead_only_when_it_cannot_be_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: OSError | None, alive: bool
 ) -> None:
     out = tmp_path / "out"
-    stale = tmp_path / ".out.tmp-4242-0a1b2c3d"
+    stale = sibling(out, "tmp", 4242)
     stale.mkdir()
     asked: list[tuple[int, int]] = []
 

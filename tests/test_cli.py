@@ -215,7 +215,7 @@ def test_cli_resolves_config_layers_and_calls_core_once(
 
     def fake(specs: list[str], cfg: ClMetricsConfig, **kwargs: Any) -> report.ClMetricsResult:
         calls.append((specs, cfg, kwargs))
-        return report.ClMetricsResult(runs=(), config=cfg, out=kwargs["out"])
+        return report.ClMetricsResult(runs=(), config=cfg)
 
     monkeypatch.setattr(report, "run_cl_metrics", fake)
     cfg_file = tmp_path / "c.yaml"
@@ -322,3 +322,20 @@ def test_heatmap_of_a_large_matrix_stays_small() -> None:
     assert width <= 16 + 3.5
     assert height <= 16 + 2
     assert len(fig.axes[0].texts) == 0
+
+
+def test_task_names_with_dollar_signs_plot_as_text(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "odd.csv"
+    path.write_text("stage,$\\frac$,b_{1}\n$\\frac$,0.5,0.1\nb_{1},0.4,0.9\n")
+    result = runner.invoke(app, ["cl-metrics", str(path), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.stderr
+    fig = heatmap_figure([("odd", parse_matrix_csv(path.read_text()), "")])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["$\\frac$", "b_{1}"]
+    assert imread(tmp_path / "m" / "matrix.png").shape[0] > 100
+
+
+def test_confidence_level_is_printed_exactly(runner: CliRunner, make_eval_results: EvalResultsFactory) -> None:
+    ev = make_eval_results("ev", {("a", "a"): (8, 10)}, ["a"], ["a"])
+    result = runner.invoke(app, ["cl-metrics", str(ev), "--confidence", "0.995", "--no-plot"])
+    assert result.exit_code == 0, result.stderr
+    assert "Continual-learning metrics with 99.5% bootstrap intervals" in result.stdout

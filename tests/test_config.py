@@ -298,6 +298,7 @@ def test_post_init_of_a_test_config_names_key_and_flag() -> None:
         ([], {"n_bootstrap": -5}, "invalid config value `n_bootstrap` (--bootstrap): must be in [0, 100000], got -5"),
         (["confidence=1"], {}, "invalid config value `confidence` (--confidence): must be in (0, 1), got 1.0"),
         ([], {"confidence": 0.0}, "invalid config value `confidence` (--confidence): must be in (0, 1), got 0.0"),
+        ([], {"seed": -1}, "invalid config value `seed` (--seed): must be >= 0, got -1"),
     ],
 )
 def test_cl_metrics_validation_names_the_flag(overrides: list[str], flags: dict[str, Any], message: str) -> None:
@@ -398,3 +399,11 @@ def test_help_for_includes_the_default() -> None:
 def test_help_for_unknown_key() -> None:
     with pytest.raises(KeyError):
         help_for(ToyConfig, "optim.nope")
+
+
+def test_a_binary_config_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "blob.yaml"
+    path.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ConfigError) as info:
+        resolve_config(ClMetricsConfig, config_file=path)
+    assert str(info.value) == f"config file {path} is not UTF-8 text: --config takes a YAML file"

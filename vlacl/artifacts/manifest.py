@@ -146,6 +146,30 @@ def _req(data: Mapping[str, Any], key: str, tp: type, source: Path) -> Any:
     return value
 
 
+def load_json(path: Path) -> Any:
+    """Parse the UTF-8 JSON file ``path``; the one way vlacl reads a manifest.
+
+    Raises:
+        OSError: The file cannot be read (``FileNotFoundError`` if it does not exist).
+        ValueError: The file is not UTF-8 text, not valid JSON, nested too deeply for Python's
+            parser, or holds an integer too long to convert. The message completes
+            "``path`` is ...", e.g. ``not valid JSON (line 3)``.
+    """
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON (line {exc.lineno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+    except ValueError:  # an integer literal longer than sys.get_int_max_str_digits()
+        raise ValueError("JSON holding an integer too long to read") from None
+
+
 def read_manifest(directory: Path, expected_kinds: tuple[str, ...] = ()) -> Manifest:
     """Read and parse ``<directory>/vlacl_manifest.json``.
 
@@ -156,18 +180,16 @@ def read_manifest(directory: Path, expected_kinds: tuple[str, ...] = ()) -> Mani
     path = Path(directory) / MANIFEST_NAME
     make = f"; expected {describe_kinds(expected_kinds)}" if expected_kinds else ""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = load_json(path)
     except FileNotFoundError:
         raise ArtifactError(
             f"{directory} is not a complete vlacl artifact: {MANIFEST_NAME} is missing (the command that "
             f"wrote it crashed or is still running, or this is not an artifact directory){make}"
         ) from None
     except OSError as exc:
-        raise ArtifactError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON (line {exc.lineno}): the artifact is damaged{make}") from None
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is {exc}: the artifact is damaged{make}") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path} must hold a JSON object: the artifact is damaged{make}")
     return Manifest.from_dict(data, path)

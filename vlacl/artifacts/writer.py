@@ -1,38 +1,39 @@
 """Atomic creation of an artifact directory.
 
-An artifact is built in a hidden temporary sibling of ``--out``, ``.<name>.tmp-<pid>-<hex>``, and
-renamed into place only when everything, the manifest last, is written and synced to disk. When
-``--out`` is replaced, the previous artifact is first renamed to ``.<name>.old-<pid>-<hex>`` and
-removed once the new one is in place. A process killed in between leaves at most these hidden
-siblings, never a directory that looks complete; the next writer for the same ``--out`` removes
-them, or renames the previous artifact back, once the process that made them no longer runs.
+An artifact is built in a hidden temporary sibling of ``--out``, ``.<name>.tmp-<host>-<pid>-<hex>``,
+and renamed into place only when everything, the manifest last, is written and synced to disk.
+When ``--out`` is replaced, the previous artifact is first renamed to
+``.<name>.old-<host>-<pid>-<hex>`` and removed once the new one is in place; if the process fails
+or is interrupted between the two renames, it renames the previous artifact back before it stops.
+A process killed in between leaves at most these hidden siblings, never a directory that looks
+complete; the next writer for the same ``--out`` on the same host removes them, or renames the
+previous artifact back, once the process that made them no longer runs. Siblings made on another
+host are never touched, since whether their process runs cannot be told from here.
 
 An existing ``--out`` is replaced only with ``overwrite``, only when it is itself a vlacl artifact
-of the same kind (or empty), so a mistyped ``--out`` never deletes a user's files or another
-command's results; and no ``--out`` may lie inside another artifact, whose manifest would then not
-list every file in it. Filesystem failures surface as :class:`~vlacl.errors.ArtifactError` naming
-the path and what to do.
+of the same kind (or empty) and not a symbolic link, so a mistyped ``--out`` never deletes a
+user's files or another command's results; and no ``--out`` may lie inside another artifact, whose
+manifest would then not list every file in it. Filesystem failures surface as
+:class:`~vlacl.errors.ArtifactError` naming the path and what to do.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 import stat
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 from vlacl.artifacts.hashing import sha256_bytes, sha256_file, sha256_file_synced
-from vlacl.artifacts.manifest import InputRef, Manifest, OutputEntry, library_versions, utc_now
+from vlacl.artifacts.manifest import InputRef, Manifest, OutputEntry, library_versions, load_json, utc_now
 from vlacl.artifacts.names import CONFIG_NAME, FILE_KIND, MANIFEST_NAME, describe_kinds
 from vlacl.artifacts.reader import Artifact
 from vlacl.errors import ArtifactError, OutputExistsError
@@ -42,8 +43,34 @@ log = logging.getLogger(__name__)
 SiblingRole = Literal["tmp", "old"]
 
 _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
-"""Errors of the disk rather than of the code: raised while a command writes into the temporary
-directory, they become an ArtifactError saying what to do."""
+"""Errors of the disk rather than of the code: raised while a command writes its files, they
+become an ArtifactError saying what to do, whatever file they name."""
+
+_ADVICE: Mapping[int | None, str] = {
+    errno.EACCES: "check the permissions of {where}, or choose another --out",
+    errno.EPERM: "check the permissions of {where}, or choose another --out",
+    errno.EROFS: "{where} is on a read-only filesystem: choose another --out",
+    errno.ENOSPC: "free space on the disk of {where}, or choose another --out",
+    errno.EDQUOT: "free space on the disk of {where}, or choose another --out",
+    errno.EFBIG: "a file is larger than the filesystem of {where} allows: choose another --out",
+    errno.ENOTDIR: "a parent of --out is a file, not a directory: choose another --out",
+    errno.EIO: "the disk holding {where} reported an error: check it, or choose another --out",
+}
+"""What to do about a filesystem error, by errno; ``{where}`` is the directory being written."""
+
+
+def _fs_error(out: Path, action: str, exc: OSError, where: Path | None = None) -> ArtifactError:
+    """The error for a failed filesystem step: the path, the reason and what to do.
+
+    Args:
+        out: The ``--out`` directory.
+        action: What was being done, naming the path, e.g. ``creating the directory /a/b``.
+        exc: The error.
+        where: The directory the advice names; the parent of ``out`` by default.
+    """
+    template = _ADVICE.get(exc.errno, "check that {where} is a writable directory, or choose another --out")
+    advice = template.format(where=out.parent if where is None else where)
+    return ArtifactError(f"cannot write --out {out}: {action} failed ({exc.strerror or exc}); {advice}")
 
 
 def check_output_dir(out: Path, overwrite: bool, *, kind: str | None = None) -> None:
@@ -57,9 +84,9 @@ def check_output_dir(out: Path, overwrite: bool, *, kind: str | None = None) -> 
 
     Raises:
         OutputExistsError: A parent of ``out`` is a file; or ``out`` lies inside another artifact;
-            or ``out`` is a file; or a non-empty directory that is not a vlacl artifact (never
-            replaced, even with ``overwrite``); or an artifact of another kind than ``kind`` (never
-            replaced either); or an artifact, without ``overwrite``.
+            or ``out`` is a symbolic link; or a file; or a non-empty directory that is not a vlacl
+            artifact (never replaced, even with ``overwrite``); or an artifact of another kind than
+            ``kind`` (never replaced either); or an artifact, without ``overwrite``.
         ArtifactError: ``out`` or one of its parents cannot be inspected.
     """
     out = Path(out)
@@ -75,6 +102,11 @@ def check_output_dir(out: Path, overwrite: bool, *, kind: str | None = None) -> 
             )
         break
     _refuse_nested(out, absolute)
+    if absolute.is_symlink():  # renaming it aside would move the link, not the artifact it points to
+        raise OutputExistsError(
+            f"--out {out} is a symbolic link: vlacl does not write through it; "
+            f"pass the real directory path instead, --out {os.path.realpath(absolute)}"
+        )
     found = _stat(absolute, out)
     if found is None:
         return
@@ -83,9 +115,7 @@ def check_output_dir(out: Path, overwrite: bool, *, kind: str | None = None) -> 
     try:
         empty = not any(absolute.iterdir())
     except OSError as exc:
-        raise ArtifactError(
-            f"cannot list --out {out} ({_reason(exc)}): check its permissions, or choose another --out"
-        ) from exc
+        raise _fs_error(out, f"listing {out}", exc, where=absolute) from exc
     if empty:
         return
     if _stat(absolute / MANIFEST_NAME, out) is None:
@@ -123,10 +153,7 @@ def _stat(path: Path, out: Path) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise ArtifactError(
-            f"cannot write --out {out}: cannot inspect {path} ({_reason(exc)}); "
-            "check its permissions, or choose another --out"
-        ) from exc
+        raise _fs_error(out, f"inspecting {path}", exc, where=path.parent) from exc
 
 
 def _manifest_kind(directory: Path) -> str | None:
@@ -135,8 +162,8 @@ def _manifest_kind(directory: Path) -> str | None:
     Only the JSON and its ``kind`` are read, so an artifact of a newer schema is still recognized.
     """
     try:
-        data = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = load_json(directory / MANIFEST_NAME)
+    except (OSError, ValueError):
         return None
     kind = data.get("kind") if isinstance(data, dict) else None
     return kind if isinstance(kind, str) else None
@@ -160,29 +187,13 @@ def _refuse_nested(out: Path, absolute: Path) -> None:
             )
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
-def _advice(exc: OSError, directory: Path) -> str:
-    """What to do about a filesystem error met while writing into ``directory``."""
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"check the permissions of {directory}, or choose another --out"
-    if exc.errno == errno.EROFS:
-        return f"{directory} is on a read-only filesystem: choose another --out"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"free space on the disk of {directory}, or choose another --out"
-    if exc.errno == errno.ENOTDIR:
-        return "a parent of --out is a file, not a directory: choose another --out"
-    if exc.errno == errno.EIO:
-        return f"the disk holding {directory} reported an error: check it, or choose another --out"
-    return f"check that {directory} is a writable directory, or choose another --out"
+def _host() -> str:
+    """This machine's name as sibling names carry it: only ``[A-Za-z0-9_.-]``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "unknown"
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` may still run; when in doubt, ``True``, so its files are left alone."""
-    if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process there
-        return True
+    """Whether process ``pid`` of this host may still run; when in doubt, ``True``, so its files are left alone."""
     if pid <= 0:
         return True
     try:
@@ -212,13 +223,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _inside(filename: object, directory: Path) -> bool:
-    if not isinstance(filename, (str, os.PathLike)):
-        return False
-    path = Path(os.path.abspath(filename))  # noqa: PTH100
-    return path == directory or directory in path.parents
-
-
 class ArtifactWriter:
     """Build one artifact directory and commit it atomically.
 
@@ -229,8 +233,10 @@ class ArtifactWriter:
     exception the temporary directory (and any parent directory the writer created) is removed
     and ``out`` is left as it was.
 
-    Entering the writer first removes what killed vlacl processes left next to ``out`` (see the
-    module docstring), restoring a previous artifact whose replacement never arrived.
+    Entering the writer first removes what killed vlacl processes of this host left next to
+    ``out`` (see the module docstring), restoring a previous artifact whose replacement never
+    arrived, then checks ``out`` with :func:`check_output_dir`. Constructing it checks nothing:
+    commands call :func:`check_output_dir` themselves before their work.
 
     Example:
         >>> with ArtifactWriter(out, "cl_metrics", command=argv, config_yaml=text, seed=0) as w:
@@ -259,7 +265,6 @@ class ArtifactWriter:
         self._inputs: list[InputRef] = []
         self._tmp: Path | None = None
         self._created: list[Path] = []
-        check_output_dir(self.out, overwrite, kind=kind)
 
     @property
     def path(self) -> Path:
@@ -275,8 +280,10 @@ class ArtifactWriter:
         tmp = self._sibling("tmp")
         try:
             self._make_parents()
-            with self._step(f"creating the temporary directory {tmp}"):
+            try:
                 tmp.mkdir()
+            except OSError as exc:
+                raise _fs_error(self.out, f"creating the temporary directory {tmp}", exc) from exc
         except BaseException:
             self._remove_created_parents()
             raise
@@ -290,8 +297,10 @@ class ArtifactWriter:
         self._tmp = None
         if exc is not None:
             self._discard(tmp)
-            if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS and _inside(exc.filename, tmp):
-                raise self._error(f"writing {exc.filename}", exc) from exc
+            if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+                name = exc.filename2 or exc.filename  # a copy names its source first, its target second
+                what = name if isinstance(name, (str, os.PathLike)) else f"into {tmp}"
+                raise _fs_error(self.out, f"writing {os.fspath(what)}", exc) from exc
             return
         try:
             self._commit(tmp)
@@ -300,26 +309,7 @@ class ArtifactWriter:
             raise
 
     def _sibling(self, role: SiblingRole) -> Path:
-        return self.out.parent / f".{self.out.name}.{role}-{os.getpid()}-{secrets.token_hex(4)}"
-
-    def _error(self, action: str, exc: OSError, where: Path | None = None) -> ArtifactError:
-        """One message for a failed filesystem step: the path, the reason, what to do.
-
-        Args:
-            action: What was being done, naming the path, e.g. ``creating the directory /a/b``.
-            exc: The error.
-            where: The directory the advice names; the parent of ``out`` by default.
-        """
-        advice = _advice(exc, self.out.parent if where is None else where)
-        return ArtifactError(f"cannot write --out {self.out}: {action} failed ({_reason(exc)}); {advice}")
-
-    @contextmanager
-    def _step(self, action: str, where: Path | None = None) -> Iterator[None]:
-        """Turn an OSError of the step ``action`` into an ArtifactError (see :meth:`_error`)."""
-        try:
-            yield
-        except OSError as exc:
-            raise self._error(action, exc, where) from exc
+        return self.out.parent / f".{self.out.name}.{role}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
 
     def _make_parents(self) -> None:
         """Create the missing parents of ``out``, remembering them so a failed run removes them."""
@@ -329,13 +319,12 @@ class ArtifactWriter:
             missing.append(parent)
             parent = parent.parent
         for directory in reversed(missing):
-            with self._step(f"creating the directory {directory}", where=directory.parent):
-                try:
-                    directory.mkdir()
-                except FileExistsError:
-                    if not directory.is_dir():
-                        raise
-                    continue
+            try:
+                directory.mkdir()
+            except OSError as exc:
+                if isinstance(exc, FileExistsError) and directory.is_dir():
+                    continue  # another process made it meanwhile
+                raise _fs_error(self.out, f"creating the directory {directory}", exc, where=directory.parent) from exc
             self._created.append(directory)
 
     def _remove_created_parents(self) -> None:
@@ -353,15 +342,15 @@ class ArtifactWriter:
         self._remove_created_parents()
 
     def _recover(self) -> None:
-        """Clean up after vlacl processes that were killed while writing ``out``.
+        """Clean up after vlacl processes of this host that were killed while writing ``out``.
 
         A ``.tmp`` sibling of a process that no longer runs is an unfinished artifact: removed. An
         ``.old`` sibling is a complete previous artifact: renamed back to ``out`` if nothing took
         its place (the newest one, if there are several), removed otherwise. Siblings of processes
-        that still run, or may, are left alone.
+        that still run, or may, and siblings made on other hosts are left alone.
         """
-        pattern = re.compile(rf"\.{re.escape(self.out.name)}\.(tmp|old)-(\d+)-[0-9A-Za-z]+")
-        stale: dict[str, list[tuple[float, Path, int]]] = {"tmp": [], "old": []}
+        pattern = re.compile(rf"\.{re.escape(self.out.name)}\.(tmp|old)-{re.escape(_host())}-(\d+)-[0-9a-f]+")
+        stale: list[tuple[bool, float, Path, int]] = []
         try:
             with os.scandir(self.out.parent) as listing:
                 for entry in listing:
@@ -371,53 +360,38 @@ class ArtifactWriter:
                     pid = int(match.group(2))
                     if not _pid_alive(pid):
                         mtime = entry.stat(follow_symlinks=False).st_mtime
-                        stale[match.group(1)].append((mtime, Path(entry.path), pid))
+                        stale.append((match.group(1) == "old", -mtime, Path(entry.path), pid))
         except OSError:
             return  # no parent yet (nothing to clean), or unreadable: creating the artifact reports it
-        for _, tmp, pid in stale["tmp"]:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if os.path.lexists(tmp):
-                log.warning("could not remove %s, left by vlacl process %d that no longer runs", tmp, pid)
-            else:
-                log.warning("removed %s, the unfinished output of vlacl process %d that no longer runs", tmp, pid)
-        for _, old, pid in sorted(stale["old"], reverse=True):  # newest first
-            if not os.path.lexists(self.out):
+        for is_old, _, path, pid in sorted(stale):  # unfinished ones first, then previous ones newest first
+            if is_old and not os.path.lexists(self.out):
                 try:
-                    old.rename(self.out)
+                    path.rename(self.out)
                 except OSError as exc:
-                    log.warning("could not restore %s from %s (%s)", self.out, old, _reason(exc))
+                    log.warning("could not restore %s from %s (%s)", self.out, path, exc.strerror or exc)
                     continue
-                log.warning(
-                    "restored %s from %s: vlacl process %d was stopped while replacing it, "
-                    "after moving the previous artifact aside",
-                    self.out,
-                    old,
-                    pid,
-                )
+                log.warning("restored %s from %s: vlacl process %d was stopped while replacing it", self.out, path, pid)
                 continue
-            shutil.rmtree(old, ignore_errors=True)
-            if os.path.lexists(old):
-                log.warning("could not remove %s, left by vlacl process %d that no longer runs", old, pid)
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.lexists(path):
+                log.warning("could not remove %s, left by vlacl process %d that no longer runs", path, pid)
             else:
-                log.warning(
-                    "removed %s, a previous artifact kept aside by vlacl process %d that no longer runs; "
-                    "%s holds a newer one",
-                    old,
-                    pid,
-                    self.out,
-                )
+                log.warning("removed %s, left by vlacl process %d that no longer runs", path, pid)
 
     def _relative(self, target: Path) -> str:
         """``target`` relative to ``out`` when they share a directory below the filesystem root, else absolute.
 
-        A relative path survives moving the whole tree (a run directory with its inputs); a path
-        that would climb to ``/`` would not, so it stays absolute.
+        Both are taken as real paths, symlinks resolved, as :func:`~vlacl.artifacts.reader.lineage`
+        resolves them when it follows the record. A relative path survives moving the whole tree
+        (a run directory with its inputs); a path that would climb to ``/`` would not, so it stays
+        absolute.
         """
-        target = Path(target).absolute()
-        common = Path(os.path.commonpath([target, self.out]))
+        real = os.path.realpath(target)
+        out = Path(os.path.realpath(self.out.parent)) / self.out.name
+        common = Path(os.path.commonpath([real, out]))
         if common == Path(common.anchor):
-            return str(target)
-        return os.path.relpath(target, self.out)
+            return real
+        return os.path.relpath(real, out)
 
     def _check_not_out(self, target: Path) -> None:
         target = Path(target).resolve()
@@ -446,31 +420,41 @@ class ArtifactWriter:
         self._inputs.append(InputRef(role=role, kind=FILE_KIND, path=self._relative(path), sha256=sha256_file(path)))
 
     def _commit(self, tmp: Path) -> None:
-        config_sha = None
-        if self.config_yaml is not None:
-            if (tmp / CONFIG_NAME).exists():
-                raise ArtifactError(
-                    f"{CONFIG_NAME} is reserved for the resolved config; a command tried to write it itself"
-                )
-            data = self.config_yaml.encode("utf-8")
-            with self._step(f"writing {tmp / CONFIG_NAME}"):
-                (tmp / CONFIG_NAME).write_bytes(data)  # synced with the other files below
-            config_sha = sha256_bytes(data)
-        with self._step(f"listing {tmp}"):
+        config = tmp / CONFIG_NAME
+        if self.config_yaml is not None and config.exists():
+            raise ArtifactError(
+                f"{CONFIG_NAME} is reserved for the resolved config; a command tried to write it itself"
+            )
+        if (tmp / MANIFEST_NAME).exists():
+            raise ArtifactError(f"{MANIFEST_NAME} is reserved for the manifest; a command tried to write it itself")
+        step = f"writing {config}"
+        try:
+            config_sha = None
+            if self.config_yaml is not None:
+                data = self.config_yaml.encode("utf-8")
+                config.write_bytes(data)  # synced with the other files below
+                config_sha = sha256_bytes(data)
+            step = f"listing {tmp}"
             paths = sorted(tmp.rglob("*"))
-        outputs: dict[str, OutputEntry] = {}
-        for file in paths:
-            if not file.is_file():
-                continue
-            rel = file.relative_to(tmp).as_posix()
-            if rel == MANIFEST_NAME:
-                raise ArtifactError(f"{MANIFEST_NAME} is reserved for the manifest; a command tried to write it itself")
-            with self._step(f"reading and syncing {file}"):
-                digest, size = sha256_file_synced(file)
-            outputs[rel] = OutputEntry(sha256=digest, bytes=size)
+            outputs: dict[str, OutputEntry] = {}
+            for file in paths:
+                if file.is_file():
+                    step = f"reading and syncing {file}"
+                    digest, size = sha256_file_synced(file)
+                    outputs[file.relative_to(tmp).as_posix()] = OutputEntry(sha256=digest, bytes=size)
+            step = f"writing {tmp / MANIFEST_NAME}"
+            _write_synced(tmp / MANIFEST_NAME, self._manifest(config_sha, outputs).to_json().encode("utf-8"))
+            for directory in [*(p for p in paths if p.is_dir()), tmp]:
+                step = f"syncing the directory {directory}"
+                _fsync_dir(directory)
+        except OSError as exc:
+            raise _fs_error(self.out, step, exc) from exc
+        self._move_into_place(tmp)
+
+    def _manifest(self, config_sha: str | None, outputs: dict[str, OutputEntry]) -> Manifest:
         from vlacl import __version__
 
-        manifest = Manifest(
+        return Manifest(
             kind=self.kind,
             vlacl_version=__version__,
             created_utc=utc_now(),
@@ -482,35 +466,32 @@ class ArtifactWriter:
             libraries=library_versions(self.extra_libraries),
             details=self.details,
         )
-        partial = tmp / (MANIFEST_NAME + ".partial")
-        with self._step(f"writing {tmp / MANIFEST_NAME}"):
-            _write_synced(partial, manifest.to_json().encode("utf-8"))
-            partial.replace(tmp / MANIFEST_NAME)
-        for directory in [*(p for p in paths if p.is_dir()), tmp]:
-            with self._step(f"syncing the directory {directory}"):
-                _fsync_dir(directory)
-        self._move_into_place(tmp)
 
     def _move_into_place(self, tmp: Path) -> None:
+        """Rename ``tmp`` to ``out``, moving a previous artifact aside first and back on any failure."""
         check_output_dir(self.out, self.overwrite, kind=self.kind)
-        old: Path | None = None
-        if os.path.lexists(self.out):
-            old = self._sibling("old")
-            with self._step(f"moving the previous {self.out} aside to {old}"):
-                self.out.rename(old)
+        old = self._sibling("old") if os.path.lexists(self.out) else None
+        step = f"renaming {tmp} to {self.out}"
         try:
-            tmp.rename(self.out)
-        except OSError as exc:
             if old is not None:
+                step = f"moving the previous {self.out} aside to {old}"
+                self.out.rename(old)
+                step = f"renaming {tmp} to {self.out}"
+            tmp.rename(self.out)
+        except BaseException as exc:  # an OSError, or Terminated / KeyboardInterrupt between the renames
+            if old is not None and os.path.lexists(old) and os.path.lexists(tmp):  # moved aside, not replaced
                 try:
                     old.rename(self.out)
                 except OSError:
+                    reason = (exc.strerror or exc) if isinstance(exc, OSError) else (str(exc) or type(exc).__name__)
                     raise ArtifactError(
-                        f"cannot write --out {self.out}: renaming {tmp} to it failed ({_reason(exc)}), and so did "
+                        f"cannot write --out {self.out}: renaming {tmp} to it failed ({reason}), and so did "
                         f"putting the previous artifact back; it is kept at {old}: rename it to {self.out} "
                         "(the next vlacl run writing this --out does it itself)"
                     ) from exc
-            raise self._error(f"renaming {tmp} to {self.out}", exc) from exc
+            if isinstance(exc, OSError):
+                raise _fs_error(self.out, step, exc) from exc
+            raise
         try:
             _fsync_dir(self.out.parent)
         except OSError as exc:
@@ -518,7 +499,7 @@ class ArtifactWriter:
                 "%s is complete, but syncing %s failed (%s): it may not survive a power loss",
                 self.out,
                 self.out.parent,
-                _reason(exc),
+                exc.strerror or exc,
             )
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

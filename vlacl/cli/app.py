@@ -19,10 +19,9 @@ from typer.core import TyperGroup
 
 from vlacl import __version__
 from vlacl.cli.cl_metrics import cl_metrics
+from vlacl.cli.context import ARGV_KEY
 from vlacl.cli.logging_setup import configure_logging
 from vlacl.errors import Terminated, VlaclError
-
-ARGV_KEY = "vlacl.argv"
 
 
 class VlaclGroup(TyperGroup):
@@ -80,11 +79,6 @@ def _raise_on_termination() -> dict[int, Any]:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         previous[signum] = signal.signal(signum, handler)
     return previous
-
-
-def command_line(ctx: typer.Context) -> list[str]:
-    """The command line of the running command, as typed (``vlacl`` plus its arguments)."""
-    return list(ctx.meta.get(ARGV_KEY, ["vlacl", *sys.argv[1:]]))
 
 
 app = typer.Typer(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vlacl.cli.context import command_line
 from vlacl.cli.options import PANEL_INPUT, PANEL_OUTPUT, ConfigFile, JsonOutput, OutDir, Overwrite, SetOverrides
 from vlacl.config.cl_metrics import ClMetricsConfig
 from vlacl.config.core import help_for, resolve_config
@@ -76,7 +77,6 @@ def cl_metrics(
     seeded bootstrap confidence interval. With --out, writes a cl_metrics artifact:
     metrics.json, the matrices as read and matrix.png.
     """
-    from vlacl.cli.app import command_line
     from vlacl.cli.render import print_metrics
     from vlacl.metrics import report
 

@@ -21,16 +21,6 @@ OutDir = Annotated[
         show_default=False,
     ),
 ]
-RequiredOutDir = Annotated[
-    Path,
-    typer.Option(
-        "--out",
-        "-o",
-        help="Artifact directory to write; built under a temporary name and renamed into place when complete.",
-        rich_help_panel=PANEL_OUTPUT,
-        show_default=False,
-    ),
-]
 Overwrite = Annotated[
     bool,
     typer.Option(

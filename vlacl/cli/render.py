@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from vlacl.metrics.cl import METRIC_NAMES
+
 if TYPE_CHECKING:
     from vlacl.metrics.report import ClMetricsResult, MetricResult
 
@@ -35,13 +37,13 @@ def _cell(metric: MetricResult) -> str:
 def print_metrics(result: ClMetricsResult) -> None:
     """Print one table with a column per run, then each run's notes."""
     has_ci = any(m.ci is not None for run in result.runs for m in run.metrics.values())
-    ci = f" with {result.config.confidence:.0%} bootstrap intervals" if has_ci else ""
+    ci = f" with {result.config.confidence * 100:g}% bootstrap intervals" if has_ci else ""
     table = Table(title=f"Continual-learning metrics{ci}", title_justify="left")
     table.add_column("metric", style="bold")
     for run in result.runs:
         stages = len(run.matrix.stages)
         table.add_column(f"{run.name}\n({stages} stage{'s' if stages != 1 else ''})", justify="right")
-    for key in result.to_dict()["metrics"]:
+    for key in METRIC_NAMES:
         table.add_row(_LABELS[key], *(_cell(run.metrics[key]) for run in result.runs))
     stdout.print(table)
     for run in result.runs:

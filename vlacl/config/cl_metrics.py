@@ -27,5 +27,7 @@ class ClMetricsConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.n_bootstrap <= MAX_BOOTSTRAP:
             raise invalid("n_bootstrap", f"must be in [0, {MAX_BOOTSTRAP}], got {self.n_bootstrap}", ClMetricsConfig)
+        if self.seed < 0:
+            raise invalid("seed", f"must be >= 0, got {self.seed}", ClMetricsConfig)
         if not 0.0 < self.confidence < 1.0:
             raise invalid("confidence", f"must be in (0, 1), got {self.confidence}", ClMetricsConfig)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -95,7 +96,7 @@ def resolve_config(
     """
     values: dict[str, tuple[Any, str]] = {}
     if config_file is not None:
-        for key, value in _flatten(cls, cls, _read_yaml(config_file), "", str(config_file)):
+        for key, value in _flatten(cls, _read_yaml(config_file), "", str(config_file)):
             values[key] = (value, f"config file {config_file}")
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -127,7 +128,7 @@ def dump_config(cfg: Any) -> str:
 
 def config_keys(cls: type) -> list[str]:
     """Every dotted key a config class accepts (nested dataclass fields are expanded)."""
-    return [key for key, _ in _walk(cls, "")]
+    return [key for key, (_, tp) in _schema(cls).items() if not _is_section(tp)]
 
 
 def _plain(value: Any) -> Any:
@@ -149,6 +150,8 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist: check the path given to --config") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text: --config takes a YAML file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
@@ -178,36 +181,25 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _walk(cls: type, prefix: str) -> Iterator[tuple[str, dataclasses.Field[Any]]]:
-    hints = _hints(cls)
+@functools.cache
+def _schema(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
+    """Every dotted key of ``cls``, sections included, mapped to its field and resolved type."""
+    schema: dict[str, tuple[dataclasses.Field[Any], Any]] = {}
+    hints = typing.get_type_hints(cls)
     for fld in dataclasses.fields(cls):
-        key = prefix + fld.name
-        tp = hints[fld.name]
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            yield from _walk(tp, key + ".")
-        else:
-            yield key, fld
+        schema[fld.name] = (fld, hints[fld.name])
+        if _is_section(hints[fld.name]):
+            schema.update({f"{fld.name}.{key}": entry for key, entry in _schema(hints[fld.name]).items()})
+    return schema
 
 
 def _field_at(cls: type, key: str) -> tuple[dataclasses.Field[Any], Any]:
     """Return the field at dotted ``key`` and its resolved type; ``KeyError`` if there is none."""
-    current: type = cls
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(current)}
-        if part not in fields:
-            raise KeyError(key)
-        tp = _hints(current)[part]
-        if i == len(parts) - 1:
-            return fields[part], tp
-        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
-            raise KeyError(key)
-        current = tp
-    raise KeyError(key)
+    return _schema(cls)[key]
 
 
 def _unknown_key(root: type, key: str, source: str) -> ConfigError:
@@ -218,44 +210,40 @@ def _unknown_key(root: type, key: str, source: str) -> ConfigError:
 
 
 def _check_key(cls: type, key: str, source: str) -> None:
-    try:
-        _, tp = _field_at(cls, key)
-    except KeyError:
-        raise _unknown_key(cls, key, source) from None
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+    if key not in _schema(cls):
+        raise _unknown_key(cls, key, source)
+    tp = _schema(cls)[key][1]
+    if _is_section(tp):
         raise ConfigError(
             f"config key `{key}` in {source} is a section, not a setting: set one of its keys, "
             f"e.g. `{key}.{dataclasses.fields(tp)[0].name}`"
         )
 
 
-def _flatten(root: type, cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Iterator[tuple[str, Any]]:
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+def _flatten(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Iterator[tuple[str, Any]]:
+    """Yield the dotted key and value of every setting in a (nested) mapping read from a file."""
     for raw_key, value in data.items():
         key = prefix + str(raw_key)
-        if str(raw_key) not in names:
-            raise _unknown_key(root, key, source)
-        tp = hints[str(raw_key)]
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config key `{key}` in {source} must be a mapping of settings, got {value!r}")
-            yield from _flatten(root, tp, value, key + ".", source)
-        else:
+        if key not in _schema(cls):
+            raise _unknown_key(cls, key, source)
+        if not _is_section(_schema(cls)[key][1]):
             yield key, value
+        elif isinstance(value, Mapping):
+            yield from _flatten(cls, value, key + ".", source)
+        else:
+            raise ConfigError(f"config key `{key}` in {source} must be a mapping of settings, got {value!r}")
 
 
 def _build(cls: type[T], values: Mapping[str, tuple[Any, str]], prefix: str) -> T:
-    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for fld in dataclasses.fields(cls):  # type: ignore[arg-type]
-        key = prefix + fld.name
-        tp = hints[fld.name]
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            kwargs[fld.name] = _build(tp, values, key + ".")
-        elif key in values:
-            value, source = values[key]
-            kwargs[fld.name] = _coerce(value, tp, key, source)
+    for key, (fld, tp) in _schema(typing.cast(type, cls)).items():
+        if "." in key:
+            continue  # built by the section's own _build
+        if _is_section(tp):
+            kwargs[fld.name] = _build(tp, values, prefix + key + ".")
+        elif prefix + key in values:
+            value, source = values[prefix + key]
+            kwargs[fld.name] = _coerce(value, tp, prefix + key, source)
     return cls(**kwargs)
 
 

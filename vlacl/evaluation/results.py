@@ -25,7 +25,7 @@ import pandas as pd
 from vlacl.artifacts.names import MATRIX_CSV_NAME, RESULTS_NAME
 from vlacl.artifacts.reader import Artifact
 from vlacl.errors import InputFormatError
-from vlacl.metrics.matrix import INIT_STAGE, EpisodeCounts, ResultMatrix, parse_matrix_csv
+from vlacl.metrics.matrix import INIT_STAGE, EpisodeCounts, ResultMatrix, read_matrix
 
 STAGE_COL = "stage"
 TASK_COL = "task"
@@ -47,7 +47,7 @@ def read_episodes(path: Path) -> pd.DataFrame:
 
     try:
         schema_names = set(pq.read_schema(path).names)
-    except (pyarrow.lib.ArrowInvalid, OSError) as exc:
+    except (pyarrow.lib.ArrowException, OSError) as exc:
         raise InputFormatError(f"{path} is not a readable parquet file ({exc}): rerun `vlacl eval-suite`") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in schema_names]
     if missing:
@@ -55,7 +55,10 @@ def read_episodes(path: Path) -> pd.DataFrame:
             f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(sorted(schema_names))}); "
             "per-episode results need stage, task and success"
         )
-    frame: pd.DataFrame = pq.read_table(path, columns=list(REQUIRED_COLUMNS)).to_pandas()
+    try:
+        frame: pd.DataFrame = pq.read_table(path, columns=list(REQUIRED_COLUMNS)).to_pandas()
+    except (pyarrow.lib.ArrowException, OSError) as exc:
+        raise InputFormatError(f"{path} has unreadable data ({exc}): rerun `vlacl eval-suite`") from None
     success = frame[SUCCESS_COL]
     if success.isna().any():
         row = int(np.flatnonzero(success.isna().to_numpy())[0])
@@ -119,8 +122,7 @@ def read_eval_results(artifact: Artifact) -> ResultMatrix:
     Raises:
         InputFormatError: ``matrix.csv`` is malformed, or it and ``results.parquet`` disagree.
     """
-    matrix_path = artifact.file(MATRIX_CSV_NAME)
-    matrix = parse_matrix_csv(matrix_path.read_text(encoding="utf-8"), source=str(matrix_path))
+    matrix = read_matrix(artifact.file(MATRIX_CSV_NAME))
     if not artifact.has_file(RESULTS_NAME):
         return matrix
     episodes = read_episodes(artifact.file(RESULTS_NAME))

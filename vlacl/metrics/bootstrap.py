@@ -22,22 +22,26 @@ CHUNK_CELLS = 4_000_000
 def resample(counts: EpisodeCounts, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
     """Draw bootstrap replicates of the success rates.
 
+    All cells of one replicate (the stages, then the ``init`` row) are drawn together, replicate
+    after replicate, so drawing B replicates in chunks gives exactly the draws of one call.
+
     Returns:
         ``(values, init)``: ``values`` has shape (B, S, T) and ``init`` (B, T) or ``None``; cells
         with no episodes are ``NaN``.
     """
-
-    def draw(k: np.ndarray, n: np.ndarray) -> np.ndarray:
-        p = np.divide(k, n, out=np.zeros(k.shape, dtype=np.float64), where=n > 0)
-        hits = rng.binomial(n=np.broadcast_to(n, (n_boot, *n.shape)), p=np.broadcast_to(p, (n_boot, *p.shape)))
-        rates = hits / np.maximum(n, 1)  # (B, ...) success rates per replicate
-        rates[:, n == 0] = np.nan
-        return np.asarray(rates)
-
-    values = draw(counts.successes, counts.episodes)
-    init = None
+    k_parts, n_parts = [counts.successes.ravel()], [counts.episodes.ravel()]
     if counts.init_successes is not None and counts.init_episodes is not None:
-        init = draw(counts.init_successes, counts.init_episodes)
+        k_parts.append(counts.init_successes)
+        n_parts.append(counts.init_episodes)
+    has_init = len(k_parts) == 2
+    k, n = np.concatenate(k_parts), np.concatenate(n_parts)
+    p = np.divide(k, n, out=np.zeros(k.shape, dtype=np.float64), where=n > 0)
+    hits = rng.binomial(n=np.broadcast_to(n, (n_boot, n.size)), p=np.broadcast_to(p, (n_boot, p.size)))
+    rates = hits / np.maximum(n, 1)  # (B, C): C = S*T stage cells, then T init cells
+    rates[:, n == 0] = np.nan
+    stage_cells = counts.successes.size
+    values = rates[:, :stage_cells].reshape(n_boot, *counts.successes.shape)  # (B, S, T)
+    init = rates[:, stage_cells:] if has_init else None  # (B, T)
     return values, init
 
 

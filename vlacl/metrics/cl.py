@@ -42,8 +42,6 @@ import numpy as np
 
 Cell = tuple[int, int]
 
-METRIC_NAMES: tuple[str, ...] = ("asr", "bwt", "forgetting", "plasticity", "fwt", "nbt", "auc")
-
 
 def asr(r: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """Average success rate after the last stage over all trained tasks."""
@@ -103,16 +101,18 @@ def auc(r: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
 class MetricSpec:
     """A metric, the least number of stages it needs, whether it needs ``init`` and the cells it reads."""
 
-    name: str
     fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
     min_stages: int
     needs_init: bool
     cells: Callable[[int], list[Cell]]
-    higher_is_better: bool
 
 
 def _final_row(t: int) -> list[Cell]:
     return [(t - 1, j) for j in range(t)]
+
+
+def _diagonal(t: int) -> list[Cell]:
+    return [(j, j) for j in range(t)]
 
 
 def _lower_triangle(t: int, last_column: int) -> list[Cell]:
@@ -120,17 +120,17 @@ def _lower_triangle(t: int, last_column: int) -> list[Cell]:
 
 
 METRICS: dict[str, MetricSpec] = {
-    "asr": MetricSpec("asr", asr, 1, False, _final_row, True),
-    "bwt": MetricSpec(
-        "bwt", bwt, 2, False, lambda t: [(t - 1, j) for j in range(t - 1)] + [(j, j) for j in range(t - 1)], True
-    ),
-    "forgetting": MetricSpec("forgetting", forgetting, 2, False, lambda t: _lower_triangle(t, t - 1), False),
-    "plasticity": MetricSpec("plasticity", plasticity, 1, False, lambda t: [(j, j) for j in range(t)], True),
-    "fwt": MetricSpec("fwt", fwt, 2, True, lambda t: [(j - 1, j) for j in range(1, t)], True),
-    "nbt": MetricSpec("nbt", nbt, 2, False, lambda t: _lower_triangle(t, t - 1), False),
-    "auc": MetricSpec("auc", auc, 1, False, lambda t: _lower_triangle(t, t), True),
+    "asr": MetricSpec(asr, min_stages=1, needs_init=False, cells=_final_row),
+    "bwt": MetricSpec(bwt, min_stages=2, needs_init=False, cells=lambda t: _final_row(t)[:-1] + _diagonal(t)[:-1]),
+    "forgetting": MetricSpec(forgetting, min_stages=2, needs_init=False, cells=lambda t: _lower_triangle(t, t - 1)),
+    "plasticity": MetricSpec(plasticity, min_stages=1, needs_init=False, cells=_diagonal),
+    "fwt": MetricSpec(fwt, min_stages=2, needs_init=True, cells=lambda t: [(j - 1, j) for j in range(1, t)]),
+    "nbt": MetricSpec(nbt, min_stages=2, needs_init=False, cells=lambda t: _lower_triangle(t, t - 1)),
+    "auc": MetricSpec(auc, min_stages=1, needs_init=False, cells=lambda t: _lower_triangle(t, t)),
 }
 """Every metric by name, in the order reports list them."""
+
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 
 
 def unavailable_reason(

@@ -80,11 +80,12 @@ def heatmap_figure(panels: Sequence[tuple[str, ResultMatrix, str]]) -> Figure:
                     ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=ink)
         tick_size = 8 if max(grid.shape) <= MAX_ANNOTATED else 5
-        ax.set_xticks(range(len(labels_x)), labels_x, rotation=45, ha="right", fontsize=tick_size)
-        ax.set_yticks(range(len(labels_y)), labels_y, fontsize=tick_size)
+        # parse_math=False: task names are plain text, a `$` in one must not start math mode
+        ax.set_xticks(range(len(labels_x)), labels_x, rotation=45, ha="right", fontsize=tick_size, parse_math=False)
+        ax.set_yticks(range(len(labels_y)), labels_y, fontsize=tick_size, parse_math=False)
         ax.set_xlabel("evaluated task")
         ax.set_ylabel("after training")
-        ax.set_title(f"{name}\n{subtitle}", fontsize=9)
+        ax.set_title(f"{name}\n{subtitle}", fontsize=9, parse_math=False)
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="success rate")
     return fig

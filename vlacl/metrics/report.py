@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -72,7 +73,6 @@ class RunMetrics:
             "name": self.name,
             "source": self.source,
             "num_tasks": len(self.matrix.stages),
-            "num_stages": len(self.matrix.stages),
             "num_evaluated_tasks": len(self.matrix.tasks),
             "num_episodes": None if counts is None else counts.total,
             "matrix_file": self.matrix_file,
@@ -87,11 +87,10 @@ class RunMetrics:
 
 @dataclass(frozen=True)
 class ClMetricsResult:
-    """What ``cl-metrics`` computed, and where it wrote the artifact (if anywhere)."""
+    """What ``cl-metrics`` computed."""
 
     runs: tuple[RunMetrics, ...]
     config: ClMetricsConfig
-    out: Path | None
 
     def to_dict(self) -> dict[str, Any]:
         """The content of ``metrics.json``."""
@@ -230,11 +229,9 @@ def run_cl_metrics(
     computed = tuple(
         compute_run_metrics(run, cfg, f if out is not None else None) for run, f in zip(runs, files, strict=True)
     )
-    result = ClMetricsResult(runs=computed, config=cfg, out=out)
+    result = ClMetricsResult(runs=computed, config=cfg)
     if out is None:
         return result
-    import json
-
     from vlacl.metrics.plots import plot_matrices
 
     with ArtifactWriter(
