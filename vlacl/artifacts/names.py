@@ -14,7 +14,6 @@ MATRIX_PNG_NAME: Final = "matrix.png"
 
 # eval_results
 RESULTS_NAME: Final = "results.parquet"
-EVAL_INFO_NAME: Final = "eval_info.json"
 
 SCHEMA_VERSION: Final = 1
 """Version of the manifest layout. It changes only with a CHANGELOG entry and a reader that

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from vlacl.artifacts.hashing import sha256_bytes, sha256_file, sha256_file_synced
+from vlacl.artifacts.hashing import sha256_file, sha256_file_synced
 from vlacl.artifacts.manifest import InputRef, Manifest, OutputEntry, library_versions, load_json, utc_now
 from vlacl.artifacts.names import CONFIG_NAME, FILE_KIND, MANIFEST_NAME, describe_kinds
 from vlacl.artifacts.reader import Artifact
@@ -429,11 +429,8 @@ class ArtifactWriter:
             raise ArtifactError(f"{MANIFEST_NAME} is reserved for the manifest; a command tried to write it itself")
         step = f"writing {config}"
         try:
-            config_sha = None
             if self.config_yaml is not None:
-                data = self.config_yaml.encode("utf-8")
-                config.write_bytes(data)  # synced with the other files below
-                config_sha = sha256_bytes(data)
+                config.write_text(self.config_yaml, encoding="utf-8")  # hashed and synced with the other files
             step = f"listing {tmp}"
             paths = sorted(tmp.rglob("*"))
             outputs: dict[str, OutputEntry] = {}
@@ -443,6 +440,7 @@ class ArtifactWriter:
                     digest, size = sha256_file_synced(file)
                     outputs[file.relative_to(tmp).as_posix()] = OutputEntry(sha256=digest, bytes=size)
             step = f"writing {tmp / MANIFEST_NAME}"
+            config_sha = outputs[CONFIG_NAME].sha256 if self.config_yaml is not None else None
             _write_synced(tmp / MANIFEST_NAME, self._manifest(config_sha, outputs).to_json().encode("utf-8"))
             for directory in [*(p for p in paths if p.is_dir()), tmp]:
                 step = f"syncing the directory {directory}"
