@@ -15,6 +15,23 @@ MATRIX_PNG_NAME: Final = "matrix.png"
 # eval_results
 RESULTS_NAME: Final = "results.parquet"
 
+# ds_stats
+STATS_NAME: Final = "stats.json"
+KEYMAP_NAME: Final = "keymap.yaml"
+"""The key map a dataset was read with; saved with every artifact that used one."""
+
+# task_checkpoint: adapters/<adapter name>/ in PEFT's format, in the order of the manifest's
+# details["adapter_stack"]; the action head and the stats the policy was trained with beside them.
+ADAPTERS_DIR: Final = "adapters"
+ACTION_HEAD_NAME: Final = "action_head.safetensors"
+
+# PEFT adapter directories (what PeftModel.from_pretrained loads)
+ADAPTER_CONFIG_NAME: Final = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME: Final = "adapter_model.safetensors"
+
+# merged_model: Hugging Face sharded safetensors
+SAFETENSORS_INDEX_NAME: Final = "model.safetensors.index.json"
+
 SCHEMA_VERSION: Final = 1
 """Version of the manifest layout. It changes only with a CHANGELOG entry and a reader that
 upgrades older manifests or refuses them with a clear message."""
