@@ -23,8 +23,6 @@ def open_datasets(paths: Sequence[Path], keymap: KeyMap | None = None) -> list[E
     Raises:
         InputFormatError: A path that does not exist or holds no dataset vlacl can read.
     """
-    from vlacl.data import hdf5, lerobot
-
     keymap = keymap or KeyMap()
     if not paths:
         raise InputFormatError("no dataset given: pass at least one dataset path")
@@ -33,11 +31,11 @@ def open_datasets(paths: Sequence[Path], keymap: KeyMap | None = None) -> list[E
         if not path.exists():
             raise InputFormatError(f"dataset path {path} does not exist: check the path")
         if path.is_dir() and (path / LEROBOT_INFO).is_file():
-            out.append(lerobot.open_lerobot(path, keymap))
+            out.append(_open_lerobot(path, keymap))
         elif (path.is_file() and path.suffix.lower() in HDF5_SUFFIXES) or (path.is_dir() and _hdf5_files(path)):
-            out.extend(hdf5.open_hdf5(path, keymap))
+            out.extend(_open_hdf5(path, keymap))
         elif path.is_dir() and (subs := sorted(p for p in path.iterdir() if (p / LEROBOT_INFO).is_file())):
-            out.extend(lerobot.open_lerobot(p, keymap) for p in subs)
+            out.extend(_open_lerobot(p, keymap) for p in subs)
         else:
             raise InputFormatError(
                 f"{path} is not a dataset vlacl reads: expected a LeRobot dataset directory (with "
@@ -48,3 +46,15 @@ def open_datasets(paths: Sequence[Path], keymap: KeyMap | None = None) -> list[E
 
 def _hdf5_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in HDF5_SUFFIXES)
+
+
+def _open_lerobot(path: Path, keymap: KeyMap) -> EpisodeDataset:
+    from vlacl.data.lerobot import open_lerobot
+
+    return open_lerobot(path, keymap)
+
+
+def _open_hdf5(path: Path, keymap: KeyMap) -> list[EpisodeDataset]:
+    from vlacl.data.hdf5 import open_hdf5
+
+    return open_hdf5(path, keymap)
