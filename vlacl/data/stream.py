@@ -1,0 +1,192 @@
+"""Task streams: the ordered tasks of a continual-learning run, each with its train and validation episodes.
+
+Partition modes:
+- ``task_index``: one task per ``task_index`` across all datasets (LeRobot datasets that name
+  several tasks; datasets given together share one task table).
+- ``dataset``: one task per dataset (sub-dataset), e.g. LIBERO's one HDF5 file per task.
+- ``auto``: ``task_index`` when it gives at least two tasks, otherwise ``dataset``.
+
+The split into train and validation episodes is seeded per task by the seed and the task's key, so a
+task's split does not change when the stream is reordered or other tasks are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from vlacl.data.episode import Episode, EpisodeDataset
+from vlacl.errors import ConfigError, InputFormatError
+
+log = logging.getLogger(__name__)
+
+PartitionMode = Literal["task_index", "dataset", "auto"]
+PARTITION_MODES: tuple[PartitionMode, ...] = ("task_index", "dataset", "auto")
+
+
+@dataclass(frozen=True)
+class EpisodeRef:
+    """An episode by position: ``datasets[dataset].episodes[episode]``; cheap to store and to pickle."""
+
+    dataset: int
+    episode: int
+
+
+@dataclass(frozen=True)
+class StreamTask:
+    """One task of a stream.
+
+    Attributes:
+        position: 0-based position in the stream.
+        key: Stable identifier: the ``task_index`` as text, or the sub-dataset's name.
+        instruction: The language instruction (of its first episode).
+        train: Training episodes.
+        val: Validation episodes (held out by episode, never by frame).
+    """
+
+    position: int
+    key: str
+    instruction: str
+    train: tuple[EpisodeRef, ...]
+    val: tuple[EpisodeRef, ...]
+
+    @property
+    def name(self) -> str:
+        """The instruction, or the key when there is none."""
+        return self.instruction or self.key
+
+
+@dataclass(frozen=True)
+class TaskStream:
+    """The ordered tasks over ``datasets``."""
+
+    datasets: tuple[EpisodeDataset, ...]
+    partition: PartitionMode
+    tasks: tuple[StreamTask, ...]
+
+    def episode(self, ref: EpisodeRef) -> Episode:
+        """Resolve a reference."""
+        return self.datasets[ref.dataset].episodes[ref.episode]
+
+    def episodes(self, refs: Sequence[EpisodeRef]) -> list[Episode]:
+        """Resolve several references."""
+        return [self.episode(r) for r in refs]
+
+    def task(self, selector: str | int) -> StreamTask:
+        """A task by position (int, or digits with ``#``, e.g. ``#0``), key or instruction."""
+        if isinstance(selector, int):
+            if not 0 <= selector < len(self.tasks):
+                raise ConfigError(f"task position {selector} is out of range: the stream has {len(self.tasks)} tasks")
+            return self.tasks[selector]
+        if selector.startswith("#") and selector[1:].isdigit():
+            return self.task(int(selector[1:]))
+        for t in self.tasks:
+            if selector in (t.key, t.instruction):
+                return t
+        known = ", ".join(f"{t.key!r}" for t in self.tasks)
+        raise ConfigError(f"no task {selector!r} in the stream; tasks (by key): {known}")
+
+
+def build_stream(
+    datasets: Sequence[EpisodeDataset],
+    *,
+    partition: PartitionMode = "auto",
+    order: Sequence[str] | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> TaskStream:
+    """Partition ``datasets`` into tasks, order them and split each into train and validation episodes.
+
+    Args:
+        datasets: The datasets, in the order they were given.
+        partition: ``task_index``, ``dataset`` or ``auto`` (see the module docstring).
+        order: Task keys or instructions in training order; tasks not named are left out. ``None``
+            keeps the natural order (task index, or the order of the datasets).
+        val_fraction: Fraction of each task's episodes held out for validation, in [0, 1).
+        seed: Seed of the split.
+
+    Raises:
+        ConfigError: An unknown partition mode, an order naming a task twice or a task that does not exist.
+        InputFormatError: A task without episodes, or a stream with no tasks.
+    """
+    if partition not in PARTITION_MODES:
+        raise ConfigError(f"unknown partition {partition!r}: use one of {', '.join(PARTITION_MODES)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    by_index = _group_by_task_index(datasets)
+    used: PartitionMode
+    if partition == "task_index" or (partition == "auto" and len(by_index) >= 2):
+        groups, used = by_index, "task_index"
+    else:
+        groups, used = _group_by_dataset(datasets), "dataset"
+    if partition == "auto":
+        log.info("partition auto: %s gives %d tasks", used, len(groups))
+    keys = list(groups)
+    if order is not None:
+        keys = _apply_order(keys, order, groups, datasets)
+    tasks = []
+    for position, key in enumerate(keys):
+        refs = groups[key]
+        if not refs:
+            raise InputFormatError(f"task {key!r} has no episodes: check the datasets and the task order")
+        train, val = _split(refs, key, val_fraction, seed)
+        first = datasets[refs[0].dataset].episodes[refs[0].episode]
+        tasks.append(StreamTask(position, key, first.instruction, train, val))
+    if not tasks:
+        raise InputFormatError("the stream has no tasks: the datasets hold no episodes")
+    return TaskStream(tuple(datasets), used, tuple(tasks))
+
+
+def _group_by_task_index(datasets: Sequence[EpisodeDataset]) -> dict[str, list[EpisodeRef]]:
+    groups: dict[int, list[EpisodeRef]] = {}
+    for d, ds in enumerate(datasets):
+        for e, ep in enumerate(ds.episodes):
+            groups.setdefault(ep.task_index, []).append(EpisodeRef(d, e))
+    return {str(k): v for k, v in sorted(groups.items())}
+
+
+def _group_by_dataset(datasets: Sequence[EpisodeDataset]) -> dict[str, list[EpisodeRef]]:
+    groups: dict[str, list[EpisodeRef]] = {}
+    for d, ds in enumerate(datasets):
+        name = ds.root.stem
+        key = name if name not in groups else f"{name}#{d}"
+        groups[key] = [EpisodeRef(d, e) for e in range(len(ds.episodes))]
+    return groups
+
+
+def _apply_order(
+    keys: list[str], order: Sequence[str], groups: dict[str, list[EpisodeRef]], datasets: Sequence[EpisodeDataset]
+) -> list[str]:
+    instruction_of = {}
+    for k in keys:
+        ref = groups[k][0] if groups[k] else None
+        if ref is not None:
+            instruction_of[datasets[ref.dataset].episodes[ref.episode].instruction] = k
+    out: list[str] = []
+    for item in order:
+        key = item if item in groups else instruction_of.get(item)
+        if key is None:
+            raise ConfigError(f"task order names {item!r}, which is not a task of the stream; tasks: {', '.join(keys)}")
+        if key in out:
+            raise ConfigError(f"task order names task {key!r} twice")
+        out.append(key)
+    return out
+
+
+def _split(
+    refs: Sequence[EpisodeRef], key: str, val_fraction: float, seed: int
+) -> tuple[tuple[EpisodeRef, ...], tuple[EpisodeRef, ...]]:
+    n = len(refs)
+    n_val = min(max(round(val_fraction * n), 1), n - 1) if val_fraction > 0 and n >= 2 else 0
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    perm = rng.permutation(n)
+    val_idx = set(perm[:n_val].tolist())
+    train = tuple(r for i, r in enumerate(refs) if i not in val_idx)
+    val = tuple(r for i, r in enumerate(refs) if i in val_idx)
+    return train, val
