@@ -1,0 +1,498 @@
+"""``merge-lora`` as a library call: stream a base model's shards through the adapters' updates.
+
+Every shard is read, every adapted weight gets ``sum_i scale_i * B_i @ A_i`` added in float32 (in
+row blocks that stay in the CPU cache, folded into one matrix product per weight), is cast back
+to its dtype, checked for NaN and Inf, and the shard is written; then the next. Memory stays near
+one shard plus the adapters, whatever the size of the model.
+
+What is merged: every LoRA update of every adapter, in order (a task checkpoint contributes its
+whole stack); tensors an adapter saves in full (``modules_to_save`` copies, biases trained with
+``bias="all"``, embedding layers saved with the adapter) replace the base tensor first, the last
+adapter saving a tensor winning, and the LoRA updates are added on top.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from vlacl.artifacts.hashing import sha256_file
+from vlacl.artifacts.manifest import read_manifest
+from vlacl.artifacts.names import FILE_KIND, MANIFEST_NAME, SAFETENSORS_INDEX_NAME
+from vlacl.artifacts.writer import ArtifactWriter, check_output_dir
+from vlacl.config.core import dump_config
+from vlacl.config.merge_lora import MergeLoraConfig
+from vlacl.errors import ArtifactError, InputFormatError
+
+from .hf_model import HF_CONFIG_NAME, SINGLE_SHARD_NAME, BaseModel, read_base_model
+from .peft_files import load_adapter
+from .sources import AdapterSource, open_sources
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+KIND: Final = "merged_model"
+BLOCK_ELEMENTS: Final = 1 << 18
+"""Elements of one float32 row block (1 MiB): small enough to stay in L2, large enough for a fast matmul."""
+
+
+@dataclass
+class _TensorPlan:
+    """What happens to one base tensor."""
+
+    replacement: torch.Tensor | None = None
+    replaced_by: str | None = None
+    lefts: list[torch.Tensor] = field(default_factory=list)
+    rights: list[torch.Tensor] = field(default_factory=list)
+    biases: list[torch.Tensor] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``merge-lora`` did."""
+
+    out: Path
+    already_merged: bool
+    base: Path
+    adapters: tuple[dict[str, Any], ...]
+    dtype: str
+    shards: tuple[str, ...]
+    updated_tensors: int
+    replaced_tensors: int
+    policy_files: tuple[str, ...]
+    bytes_written: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``--json``."""
+        return {
+            "out": str(self.out),
+            "already_merged": self.already_merged,
+            "base": str(self.base),
+            "adapters": list(self.adapters),
+            "dtype": self.dtype,
+            "shards": list(self.shards),
+            "updated_tensors": self.updated_tensors,
+            "replaced_tensors": self.replaced_tensors,
+            "policy_files": list(self.policy_files),
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class KeyResolver:
+    """Find the base tensor an adapter's tensor name refers to.
+
+    Adapter names are those of the module PEFT wrapped, which may sit one level above or below the
+    checkpoint's names (``model.layers.0...`` for a ``*ForCausalLM``, ``layers.0...`` for the bare
+    model). Tried in order: the name itself; with ``model.`` added or removed; the one checkpoint
+    name ending in ``.<name>``. Several candidates are an error, never a guess.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = frozenset(keys)
+        self._by_last: dict[str, list[str]] = {}
+        for key in keys:
+            self._by_last.setdefault(key.rsplit(".", 2)[-2] if key.count(".") >= 1 else key, []).append(key)
+
+    def resolve(self, name: str) -> str | None:
+        """The base key for ``name``; ``None`` when there is none.
+
+        Raises:
+            InputFormatError: Several base tensors end with ``name``.
+        """
+        bare = name.removeprefix("model.")
+        for candidate in (name, "model." + name, bare):
+            if candidate in self.keys:
+                return candidate
+        last = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+        found = [k for k in self._by_last.get(last, ()) if k.endswith("." + bare)]
+        if len(found) > 1:
+            raise InputFormatError(
+                f"adapter tensor {name} matches several base tensors ({', '.join(sorted(found)[:4])}): the adapter "
+                "was saved for another model class; save it from the model class of this base"
+            )
+        return found[0] if found else None
+
+
+def _for_another_base(label: str, what: str, base: BaseModel) -> InputFormatError:
+    return InputFormatError(
+        f"adapter {label} was made for another base model: {what} in {base.path}; pass the base model it was "
+        "trained on with --base"
+    )
+
+
+def build_plan(base: BaseModel, sources: Sequence[AdapterSource]) -> dict[str, _TensorPlan]:
+    """Check every adapter against the base's tensors and collect the updates per base tensor.
+
+    Raises:
+        InputFormatError: An adapter names a tensor the base lacks or gives it another shape, or
+            has a LoRA bias where the base layer has none.
+    """
+    import torch
+
+    resolver = KeyResolver(list(base.tensors))
+    tied = bool(base.config.get("tie_word_embeddings", False))
+    plan: dict[str, _TensorPlan] = {}
+
+    def find(label: str, name: str) -> str:
+        key = resolver.resolve(name)
+        if key is None:
+            if name.removeprefix("model.").startswith("lm_head") and tied:
+                raise InputFormatError(
+                    f"adapter {label} changes {name}, which {base.path} does not store because it ties the output "
+                    "layer to the input embeddings (tie_word_embeddings): merging would change both; vlacl does not "
+                    "untie weights, train without lm_head in target_modules / modules_to_save"
+                )
+            raise _for_another_base(label, f"it changes {name}, which is not a tensor", base)
+        return key
+
+    for source in sources:
+        for layout in source.stack:
+            label = layout.name if layout.name == source.label else f"{source.label}/{layout.name}"
+            adapter = load_adapter(layout)
+            for target, tensor in adapter.replacements.items():
+                key = find(label, target)
+                if tuple(tensor.shape) != base.tensors[key].shape:
+                    raise _for_another_base(
+                        label, f"it saves {target} with shape {tuple(tensor.shape)}, but {key} is {base.tensors[key].shape}", base
+                    )
+                entry = plan.setdefault(key, _TensorPlan())
+                if entry.replaced_by is not None:
+                    log.info("%s: the copy saved by %s replaces the one saved by %s", key, label, entry.replaced_by)
+                entry.replacement, entry.replaced_by = tensor, label
+            for module, factors in adapter.factors.items():
+                m = layout.modules[module]
+                key = find(label, module + ".weight")
+                if base.tensors[key].shape != (m.rows, m.cols):
+                    raise _for_another_base(
+                        label,
+                        f"its update of {module} has shape ({m.rows}, {m.cols}), but {key} is {base.tensors[key].shape}",
+                        base,
+                    )
+                entry = plan.setdefault(key, _TensorPlan())
+                entry.lefts.append(factors.left * m.scale)  # (rows, r)
+                entry.rights.append(factors.right)  # (r, cols)
+                entry.adapters.append(label)
+                if factors.bias is not None:
+                    bias_key = resolver.resolve(module + ".bias")
+                    if bias_key is None:
+                        raise _for_another_base(label, f"it trains a LoRA bias for {module}, whose base layer has no bias", base)
+                    if base.tensors[bias_key].shape != (m.rows,):
+                        raise _for_another_base(label, f"its LoRA bias of {module} has {m.rows} entries", base)
+                    plan.setdefault(bias_key, _TensorPlan()).biases.append(factors.bias * m.scale)
+    for key, entry in plan.items():
+        if len(entry.lefts) > 1:  # one matmul per weight: (rows, R) @ (R, cols), R = sum of ranks
+            entry.lefts = [torch.cat(entry.lefts, dim=1)]
+            entry.rights = [torch.cat(entry.rights, dim=0)]
+        if len(entry.biases) > 1:
+            entry.biases = [torch.stack(entry.biases).sum(dim=0)]
+        info = base.tensors[key]
+        if not info.dtype.startswith(("F", "BF")):
+            raise InputFormatError(f"base tensor {key} has dtype {info.dtype}: vlacl merges into floating-point weights only")
+    return plan
+
+
+def add_low_rank(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
+    """Add ``left @ right`` to ``weight`` in place, in float32 row blocks; return whether all is finite.
+
+    Args:
+        weight: ``(rows, cols)`` floating-point tensor, changed in place.
+        left: ``(rows, r)`` float32, the scale folded in.
+        right: ``(r, cols)`` float32.
+    """
+    import torch
+
+    rows, cols = weight.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    finite = True
+    for start in range(0, rows, step):
+        block = weight[start : start + step]  # (step, cols) view
+        acc = block.float()  # a copy, or the block itself for a float32 weight
+        acc.addmm_(left[start : start + step], right)
+        if acc is not block:
+            block.copy_(acc)
+        finite = finite and bool(torch.isfinite(block).all())
+    return finite
+
+
+@contextmanager
+def _open_shard(file: Path) -> Iterator[tuple[Any, bool]]:
+    """``safe_open`` a shard; yield the handle and whether its tensors are private copies.
+
+    safetensors 0.6+ reads tensors with ``pread`` into memory of their own, so adapted weights
+    are changed in place and no file pages count towards the process's memory; older versions
+    map the file, and adapted weights are copied first.
+    """
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(file, framework="pt", backend="pread")  # type: ignore[call-arg]
+        owned = True
+    except TypeError:
+        handle = safe_open(file, framework="pt")
+        owned = False
+    with handle as fh:
+        yield fh, owned
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    import torch
+
+    return {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _merge_shard(
+    src: Path, dst: Path, plan: Mapping[str, _TensorPlan], out_dtype: torch.dtype | None
+) -> tuple[dict[str, int], set[str]]:
+    """Merge one shard into ``dst``; return the bytes of each tensor written and their dtypes."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with _open_shard(src) as (fh, owned):
+            for key in fh.keys():  # noqa: SIM118  # safe_open is not a mapping
+                tensor = fh.get_tensor(key)
+                target = out_dtype if out_dtype is not None and tensor.is_floating_point() else tensor.dtype
+                entry = plan.get(key)
+                if entry is None:
+                    tensors[key] = tensor.to(target)
+                    continue
+                if entry.replacement is not None:
+                    tensor = entry.replacement.to(target, copy=True)
+                elif target.itemsize > tensor.dtype.itemsize:
+                    tensor = tensor.to(target)  # widen first, so the update is added at the higher precision
+                elif not owned:
+                    tensor = tensor.clone()
+                finite = True
+                if entry.lefts:
+                    finite = add_low_rank(tensor, entry.lefts[0], entry.rights[0])
+                if entry.biases:
+                    tensor.copy_(tensor.float() + entry.biases[0])
+                narrowed = tensor.dtype != target
+                tensor = tensor.to(target)
+                if (narrowed or entry.biases or entry.replacement is not None) and tensor.is_floating_point():
+                    finite = finite and bool(torch.isfinite(tensor).all())
+                if not finite:
+                    sources = ", ".join(dict.fromkeys([*entry.adapters, *([entry.replaced_by] if entry.replaced_by else [])]))
+                    raise InputFormatError(
+                        f"merging {sources} into {key} gives NaN or Inf in {target}: the update is too large for this "
+                        "dtype or the base weight is not finite; merge with --dtype float32 or check the adapter"
+                    )
+                tensors[key] = tensor
+    except InputFormatError:
+        raise
+    except Exception as exc:  # SafetensorError, OSError: a shard changed or was damaged since its header was read
+        raise InputFormatError(f"base model shard {src} cannot be read ({exc}): fetch the model again") from None
+    save_file(tensors, str(dst), metadata={"format": "pt"})
+    return {k: t.numel() * t.element_size() for k, t in tensors.items()}, {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+
+
+def _base_path(base: Path | None, sources: Sequence[AdapterSource]) -> Path:
+    """``--base``, or the ``base_model`` a task checkpoint names when it is a directory."""
+    if base is not None:
+        return Path(base)
+    for source in sources:
+        if source.artifact is None or not source.is_checkpoint:
+            continue
+        named = source.artifact.manifest.details.get("base_model")
+        if isinstance(named, str) and named:
+            candidate = Path(named)
+            if not candidate.is_absolute():
+                candidate = source.artifact.path / candidate
+            if candidate.is_dir():
+                log.info("base model %s, from task checkpoint %s", candidate, source.path)
+                return candidate
+            raise InputFormatError(
+                f"task checkpoint {source.path} was trained on {named!r}, which is not a model directory here: "
+                "pass the base model directory with --base"
+            )
+    raise InputFormatError("no base model: pass the Hugging Face model directory the adapters were trained on with --base")
+
+
+def _expected_inputs(base: BaseModel, sources: Sequence[AdapterSource]) -> list[tuple[str, str, str]]:
+    """``(role, kind, sha256)`` of every input a merge of these records, as in its manifest."""
+    records = [rec for source in sources for rec in source.expected_hashes()]
+    records.append(("base", FILE_KIND, sha256_file(base.path / HF_CONFIG_NAME)))
+    records.extend(("base", FILE_KIND, sha256_file(base.path / shard)) for shard in base.shards)
+    return sorted(records)
+
+
+def _already_merged(out: Path, base: BaseModel, sources: Sequence[AdapterSource], cfg: MergeLoraConfig) -> bool:
+    """Whether ``out`` is an intact merged_model of these inputs with these settings."""
+    if not (out / MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest = read_manifest(out)
+    except ArtifactError:
+        return False
+    if manifest.kind != KIND:
+        return False
+    import hashlib
+
+    config_sha = hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
+    if manifest.config_sha256 != config_sha:
+        return False
+    for name, entry in manifest.outputs.items():
+        file = out / name
+        if not file.is_file() or file.stat().st_size != entry.bytes:
+            return False
+    recorded = sorted((i.role, i.kind, i.sha256) for i in manifest.inputs)
+    return recorded == _expected_inputs(base, sources)
+
+
+def merge_lora(
+    adapters: Sequence[Path | str],
+    cfg: MergeLoraConfig,
+    *,
+    out: Path,
+    base: Path | None = None,
+    overwrite: bool = False,
+    command: Sequence[str] = (),
+) -> MergeResult:
+    """Merge adapters into a base model and write a ``merged_model`` artifact that ``from_pretrained`` loads.
+
+    Args:
+        adapters: PEFT adapter directories, composed adapters, or one task checkpoint (its whole
+            stack); all their updates are summed.
+        cfg: Output dtype.
+        out: The merged model directory to write.
+        base: The Hugging Face model directory; by default the ``base_model`` a task checkpoint
+            records, when that is a directory.
+        overwrite: Replace an existing merged_model at ``out``.
+        command: The command line, recorded in the manifest.
+
+    Returns:
+        What was merged; ``already_merged`` when ``out`` already holds this very merge (same
+        base, adapters and settings), which is then left as it is.
+
+    Raises:
+        VlaclError: Unreadable or mismatched inputs, an adapter vlacl cannot merge, a non-finite
+            result, or an ``out`` that may not be written. Nothing is left at ``out`` then.
+    """
+    started = time.perf_counter()
+    sources = open_sources(adapters)
+    checkpoints = [s for s in sources if s.is_checkpoint]
+    if len(checkpoints) > 1:
+        raise InputFormatError(
+            f"{len(checkpoints)} task checkpoints given ({', '.join(str(s.path) for s in checkpoints)}): a task "
+            "checkpoint carries its whole adapter stack; pass only the last one"
+        )
+    base_model = read_base_model(_base_path(base, sources))
+    out = Path(out)
+    if _already_merged(out, base_model, sources, cfg):
+        log.info("%s already holds this merge (same base, adapters and settings): nothing to do", out)
+        manifest = read_manifest(out)
+        return MergeResult(
+            out=out,
+            already_merged=True,
+            base=base_model.path,
+            adapters=tuple(s.describe() for s in sources),
+            dtype=str(manifest.details.get("dtype", cfg.dtype)),
+            shards=tuple(manifest.details.get("shards", ())),
+            updated_tensors=int(manifest.details.get("updated_tensors", 0)),
+            replaced_tensors=int(manifest.details.get("replaced_tensors", 0)),
+            policy_files=tuple(manifest.details.get("policy_files", ())),
+            bytes_written=0,
+            seconds=time.perf_counter() - started,
+        )
+    check_output_dir(out, overwrite, kind=KIND)
+    plan = build_plan(base_model, sources)
+    out_dtype = _torch_dtype(cfg.dtype)
+    policy = checkpoints[0].policy_files() if checkpoints else {}
+    shard_names = base_model.shards if base_model.sharded else (SINGLE_SHARD_NAME,)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    dtypes: set[str] = set()
+    written = 0
+    with ArtifactWriter(
+        out, KIND, command=command, config_yaml=dump_config(cfg), seed=None, overwrite=overwrite
+    ) as writer:
+        for source in sources:
+            source.record(writer)
+        writer.add_file_input("base", base_model.path / HF_CONFIG_NAME)
+        for shard in base_model.shards:
+            writer.add_file_input("base", base_model.path / shard)
+        for file in base_model.extra_files():
+            if file.name == HF_CONFIG_NAME and out_dtype is not None:
+                _write_config_with_dtype(file, writer.path / file.name, cfg.dtype)
+            else:
+                shutil.copyfile(file, writer.path / file.name)
+        for number, (shard, name) in enumerate(zip(base_model.shards, shard_names, strict=True), start=1):
+            shard_started = time.perf_counter()
+            sizes, shard_dtypes = _merge_shard(base_model.path / shard, writer.path / name, plan, out_dtype)
+            dtypes |= shard_dtypes
+            for key, size in sizes.items():
+                weight_map[key] = name
+                total_size += size
+            updated = sum(1 for key in sizes if key in plan)
+            shard_bytes = (writer.path / name).stat().st_size
+            written += shard_bytes
+            log.info(
+                "merged shard %d/%d %s: %d tensors, %d changed, %.2f GB in %.1f s",
+                number,
+                len(shard_names),
+                name,
+                len(sizes),
+                updated,
+                shard_bytes / 1e9,
+                time.perf_counter() - shard_started,
+            )
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (writer.path / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        for name, file in policy.items():
+            shutil.copyfile(file, writer.path / name)
+        adapters_detail = [s.describe() for s in sources]
+        writer.details.update(
+            {
+                "base_model": str(base_model.path),
+                "adapters": adapters_detail,
+                "dtype": cfg.dtype,
+                "dtypes": sorted(dtypes),
+                "shards": list(shard_names),
+                "updated_tensors": sum(1 for e in plan.values() if e.lefts or e.biases),
+                "replaced_tensors": sum(1 for e in plan.values() if e.replacement is not None),
+                "policy_files": sorted(policy),
+            }
+        )
+        if checkpoints:
+            details = checkpoints[0].artifact.manifest.details if checkpoints[0].artifact is not None else {}
+            writer.details["task_checkpoint"] = checkpoints[0].label
+            if "stats_fingerprint" in details:
+                writer.details["stats_fingerprint"] = details["stats_fingerprint"]
+    seconds = time.perf_counter() - started
+    log.info("merged %d adapter(s) into %s in %.1f s", sum(len(s.stack) for s in sources), out, seconds)
+    return MergeResult(
+        out=out,
+        already_merged=False,
+        base=base_model.path,
+        adapters=tuple(adapters_detail),
+        dtype=cfg.dtype if out_dtype is not None else ",".join(sorted(dtypes)),
+        shards=tuple(shard_names),
+        updated_tensors=writer.details["updated_tensors"],
+        replaced_tensors=writer.details["replaced_tensors"],
+        policy_files=tuple(sorted(policy)),
+        bytes_written=written,
+        seconds=seconds,
+    )
+
+
+def _write_config_with_dtype(src: Path, dst: Path, dtype: str) -> None:
+    """Copy ``config.json`` with its dtype set to ``dtype`` (``dtype``, and ``torch_dtype`` where present)."""
+    config = json.loads(src.read_text(encoding="utf-8"))
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    if "dtype" in config or "torch_dtype" not in config:
+        config["dtype"] = dtype
+    dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
