@@ -111,13 +111,16 @@ def build_stream(
         seed: Seed of the split.
 
     Raises:
-        ConfigError: An unknown partition mode, an order naming a task twice or a task that does not exist.
+        ConfigError: An unknown partition mode; an empty order, or one naming a task twice, a task that does not
+            exist or an instruction that several tasks share.
         InputFormatError: A task without episodes, or a stream with no tasks.
     """
     if partition not in PARTITION_MODES:
         raise ConfigError(f"unknown partition {partition!r}: use one of {', '.join(PARTITION_MODES)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if order is not None and not order:
+        raise ConfigError("the task order is empty: name at least one task, or leave the order out for every task")
     by_index = _group_by_task_index(datasets)
     used: PartitionMode
     if partition == "task_index" or (partition == "auto" and len(by_index) >= 2):
@@ -154,7 +157,9 @@ def _group_by_dataset(datasets: Sequence[EpisodeDataset]) -> dict[str, list[Epis
     groups: dict[str, list[EpisodeRef]] = {}
     for d, ds in enumerate(datasets):
         name = ds.root.stem
-        key = name if name not in groups else f"{name}#{d}"
+        key = name
+        while key in groups:  # a repeated name, or one equal to an earlier suffixed key
+            key = f"{key}#{d}"
         groups[key] = [EpisodeRef(d, e) for e in range(len(ds.episodes))]
     return groups
 
@@ -162,14 +167,19 @@ def _group_by_dataset(datasets: Sequence[EpisodeDataset]) -> dict[str, list[Epis
 def _apply_order(
     keys: list[str], order: Sequence[str], groups: dict[str, list[EpisodeRef]], datasets: Sequence[EpisodeDataset]
 ) -> list[str]:
-    instruction_of = {}
+    tasks_of: dict[str, list[str]] = {}
     for k in keys:
         ref = groups[k][0] if groups[k] else None
         if ref is not None:
-            instruction_of[datasets[ref.dataset].episodes[ref.episode].instruction] = k
+            tasks_of.setdefault(datasets[ref.dataset].episodes[ref.episode].instruction, []).append(k)
     out: list[str] = []
     for item in order:
-        key = item if item in groups else instruction_of.get(item)
+        owners = [item] if item in groups else tasks_of.get(item, [])
+        if len(owners) > 1:
+            raise ConfigError(
+                f"task order names {item!r}, the instruction of several tasks ({', '.join(owners)}): name them by key"
+            )
+        key = owners[0] if owners else None
         if key is None:
             raise ConfigError(f"task order names {item!r}, which is not a task of the stream; tasks: {', '.join(keys)}")
         if key in out:
