@@ -390,3 +390,10 @@ def test_lerobot_single_task_datasets_stream_by_directory(tmp_path: Path) -> Non
     ]
     assert [(len(t.train), len(t.val)) for t in stream.tasks] == [(2, 1), (2, 1)]
     assert {e.subset for e in stream.episodes(stream.tasks[0].train)} == {"lift_cup"}
+
+
+def test_task_lookup_by_a_shared_instruction_is_refused() -> None:
+    stream = build_stream([single_task("a", 2, "same"), single_task("b", 2, "same")], partition="dataset")
+    assert stream.task("b").key == "b"
+    with pytest.raises(ConfigError, match="several tasks have the instruction 'same'"):
+        stream.task("same")

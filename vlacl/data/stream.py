@@ -86,8 +86,14 @@ class TaskStream:
         if selector.startswith("#") and selector[1:].isdigit():
             return self.task(int(selector[1:]))
         for t in self.tasks:
-            if selector in (t.key, t.instruction):
+            if selector == t.key:
                 return t
+        named = [t for t in self.tasks if t.instruction == selector]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            keys = ", ".join(repr(t.key) for t in named)
+            raise ConfigError(f"several tasks have the instruction {selector!r} (keys {keys}): select one by key")
         known = ", ".join(f"{t.key!r}" for t in self.tasks)
         raise ConfigError(f"no task {selector!r} in the stream; tasks (by key): {known}")
 
