@@ -425,3 +425,17 @@ def test_damaged_chunk_is_an_error_when_read(h5: Hdf5Factory) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(InputFormatError, match=r"cannot read 'observation.images.agentview' .*demo_0: .*damaged"):
         ds.episodes[0].read(image_key("agentview"))
+
+
+def test_broken_json_attribute_is_one_warning_line(h5: Hdf5Factory, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(f: h5py.File) -> None:
+        f["data"].attrs["problem_info"] = "{not json"
+
+    path = h5.robomimic(mutate=broken)
+    with caplog.at_level("WARNING", logger="vlacl"):
+        ds = _open(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"attribute /data@problem_info in {path} is not a JSON object; ignored (no instruction or fps from it)"
+    ]
+    assert {ep.instruction for ep in ds.episodes} == {""}
+    assert ds.identity()["flip_images"] is True  # still LIBERO's, by its bddl_file_name attribute

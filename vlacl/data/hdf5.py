@@ -291,6 +291,7 @@ def open_hdf5(path: Path, keymap: KeyMap) -> list[EpisodeDataset]:
                 continue
             where = _rel(file, path)
             if flat_sources is None:
+                _warn_bad_json(f, file)
                 flat_sources = _sources(f, keymap, "flat", where)
             flat.append((file, _scan_flat(f, flat_sources, keymap, where)))
     if robomimic and flat:
@@ -433,9 +434,28 @@ def json_attr(obj: h5py.Group, name: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except ValueError:
-        log.warning("attribute %s of %s in %s is not valid JSON; ignored", name, obj.name, obj.file.filename)
         return None
     return value if isinstance(value, dict) else None
+
+
+JSON_ATTRS: Final = ("problem_info", "env_args")
+
+
+def bad_json_attrs(f: h5py.File) -> list[str]:
+    """``problem_info``/``env_args`` attributes (as ``/data@problem_info``) that are text but not a JSON object."""
+    bad = []
+    for scope in (f.get(ROBOMIMIC_DATA), f):
+        if not isinstance(scope, h5py.Group):
+            continue
+        for name in JSON_ATTRS:
+            if attr_text(scope, name) is not None and json_attr(scope, name) is None:
+                bad.append(f"{scope.name}@{name}")
+    return bad
+
+
+def _warn_bad_json(f: h5py.File, path: Path) -> None:
+    for where in bad_json_attrs(f):
+        log.warning("attribute %s in %s is not a JSON object; ignored (no instruction or fps from it)", where, path)
 
 
 def instruction_of(f: h5py.File, group: h5py.Group, keymap: KeyMap, where: str) -> str:
@@ -744,6 +764,7 @@ def _open_robomimic(path: Path, f: h5py.File, keymap: KeyMap) -> Hdf5Dataset:
             f"{path} holds no episodes: its data group has no demo_N groups; check that the file was written completely"
         )
     first_where = f"{names[0]} in {path.name}"
+    _warn_bad_json(f, path)
     sources = _sources(data[names[0]], keymap, "robomimic", first_where)
     flip = keymap.flip_images if keymap.flip_images is not None else default_flip(f)
     features: dict[str, Feature] = {}

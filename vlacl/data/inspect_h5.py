@@ -44,7 +44,6 @@ tabletop view usually has the table and robot in its lower part), not a detector
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -65,7 +64,7 @@ from vlacl.data.hdf5 import (
     METADATA_KEYS,
     ROBOMIMIC_DATA,
     ROBOMIMIC_OBS,
-    attr_text,
+    bad_json_attrs,
     default_flip,
     instruction_of,
     is_camera,
@@ -410,13 +409,14 @@ class _FileScan:
         data = f.get(ROBOMIMIC_DATA)
         self.format = FORMAT_ROBOMIMIC if isinstance(data, h5py.Group) else FORMAT_FLAT
         tree = tuple(_tree(f)) if self.cfg.tree else ()
-        for scope in (data, f):
-            if not isinstance(scope, h5py.Group):
-                continue
-            for name in ("problem_info", "env_args"):
-                text = attr_text(scope, name)
-                if text is not None and not _is_json_object(text):
-                    self.add("warning", "bad_attribute", None, f"attribute {name} of {scope.name} is not a JSON object")
+        for where in bad_json_attrs(f):
+            scope, name = where.split("@")
+            self.add(
+                "warning",
+                "bad_attribute",
+                None,
+                f"attribute {name} of {scope} is not a JSON object: the readers ignore it",
+            )
         if isinstance(data, h5py.Group):
             names = sorted((n for n in data if isinstance(data.get(n), h5py.Group)), key=natural_key)
             if not names:
@@ -676,13 +676,6 @@ def _floats(values: np.ndarray | None) -> tuple[float | None, ...]:
     if values is None:
         return ()
     return tuple(float(v) if np.isfinite(v) else None for v in values)
-
-
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
 
 
 def _sample_summary(samples: Sequence[CameraSample]) -> str:
