@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -427,14 +428,17 @@ def test_damaged_chunk_is_an_error_when_read(h5: Hdf5Factory) -> None:
         ds.episodes[0].read(image_key("agentview"))
 
 
-def test_broken_json_attribute_is_one_warning_line(h5: Hdf5Factory, caplog: pytest.LogCaptureFixture) -> None:
+def test_broken_json_attribute_is_one_warning_line(
+    h5: Hdf5Factory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(f: h5py.File) -> None:
         f["data"].attrs["problem_info"] = "{not json"
 
     path = h5.robomimic(mutate=broken)
-    with caplog.at_level("WARNING", logger="vlacl"):
+    monkeypatch.setattr(logging.getLogger("vlacl"), "propagate", True)  # the CLI's logging setup turns it off
+    with caplog.at_level(logging.WARNING, logger="vlacl.data.hdf5"):
         ds = _open(path)
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "vlacl.data.hdf5"] == [
         f"attribute /data@problem_info in {path} is not a JSON object; ignored (no instruction or fps from it)"
     ]
     assert {ep.instruction for ep in ds.episodes} == {""}
