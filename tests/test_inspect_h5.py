@@ -427,3 +427,19 @@ def test_findings_sort_file_level_first(h5: Hdf5Factory) -> None:
     keys = [(f.episode, f.code) for f in report.findings]
     assert keys == [(None, "upside_down_images"), ("demo_0", "too_short"), ("demo_2", "too_short")]
     assert all(isinstance(f, Finding) for f in report.findings)
+
+
+def test_links_neither_loop_nor_break_the_walk(h5: Hdf5Factory) -> None:
+    def links(f: h5py.File) -> None:
+        f["data/demo_0/obs/loop"] = f["data/demo_0"]  # a hard-link cycle
+        f["data/demo_0/obs/soft"] = h5py.SoftLink("/nowhere")
+        f["data/demo_0/obs/external"] = h5py.ExternalLink("missing.h5", "/x")
+
+    path = h5.robomimic(lengths=(12, 12), mutate=links)
+    report = _inspect(path)
+    paths = [node.path for node in report.files[0].tree]
+    assert "/data/demo_0/obs/loop" in paths
+    assert not any(p.startswith("/data/demo_0/obs/loop/") for p in paths)
+    assert "/data/demo_0/obs/soft" not in paths
+    assert [row.length for row in report.files[0].episodes] == [12, 12]
+    assert not report.has_errors

@@ -569,16 +569,31 @@ def is_lowdim(ds: h5py.Dataset) -> bool:
     return ds.shape is not None and ds.ndim in (1, 2) and is_numeric(ds)
 
 
+def walk(group: h5py.Group) -> list[tuple[str, object]]:
+    """Every object under ``group`` reached by hard links, depth first in name order, with its relative path.
+
+    It visits links (HDF5's ``H5Lvisit``, which skips soft and external links and never loops),
+    then opens each object. ``visititems`` would ask HDF5 for each object's full info, which walks
+    the chunk index of every chunked dataset: its cost grows with the episode length.
+    """
+    names: list[str] = []
+
+    def visit(name: bytes, info: Any) -> None:
+        if info.type == h5py.h5l.TYPE_HARD:
+            names.append(name.decode("utf-8", errors="replace"))
+
+    group.id.links.visit(visit, info=True)
+    out: list[tuple[str, object]] = []
+    for name in names:
+        obj = group.get(name)
+        if obj is not None:
+            out.append((name, obj))
+    return out
+
+
 def _datasets(group: h5py.Group) -> dict[str, h5py.Dataset]:
     """Every dataset under ``group`` (recursively), by path relative to it."""
-    found: dict[str, h5py.Dataset] = {}
-
-    def visit(name: str, obj: object) -> None:
-        if isinstance(obj, h5py.Dataset):
-            found[name] = obj
-
-    group.visititems(visit)
-    return found
+    return {name: obj for name, obj in walk(group) if isinstance(obj, h5py.Dataset)}
 
 
 def _listing(group: h5py.Group) -> str:

@@ -1,6 +1,6 @@
 """``inspect-h5``: a read-only report on HDF5 files, from their structure and low-dimensional data.
 
-The report walks each file's tree itself (h5py ``visititems``), so it also describes files the
+The report walks each file's tree itself (:func:`vlacl.data.hdf5.walk`), so it also describes files the
 readers of :mod:`vlacl.data.hdf5` refuse: a missing ``actions`` dataset is a finding, not a crash.
 Only files that are not HDF5 at all (or are truncated) stop it, with one clear error.
 
@@ -74,6 +74,7 @@ from vlacl.data.hdf5 import (
     one_line,
     open_h5,
     text_value,
+    walk,
 )
 from vlacl.data.keymap import KeyMap
 from vlacl.data.open import HDF5_SUFFIXES
@@ -642,13 +643,7 @@ class _FileScan:
 
 
 def _datasets(group: h5py.Group) -> dict[str, h5py.Dataset]:
-    found: dict[str, h5py.Dataset] = {}
-
-    def visit(name: str, obj: object) -> None:
-        if isinstance(obj, h5py.Dataset):
-            found[name] = obj
-
-    group.visititems(visit)
+    found = {name: obj for name, obj in walk(group) if isinstance(obj, h5py.Dataset)}
     return dict(sorted(found.items(), key=lambda item: natural_key(item[0])))
 
 
@@ -693,9 +688,7 @@ def _sample_summary(samples: Sequence[CameraSample]) -> str:
 
 def _tree(f: h5py.File) -> Iterator[Node]:
     yield Node("/", "group", attrs=_attrs(f))
-    objects: list[tuple[str, object]] = []
-    f.visititems(lambda name, obj: objects.append((name, obj)))
-    for name, obj in objects:
+    for name, obj in walk(f):
         if isinstance(obj, h5py.Dataset):
             yield Node(
                 path=f"/{name}",
