@@ -34,6 +34,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -142,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         for length in args.lengths:
             episodes = max(2, FRAMES_PER_FILE // length)
             path = write_file(root / f"libero_{length}.hdf5", length, episodes)
-            base = best_seconds(lambda p=path: baseline(p), args.repeat) / episodes * 1e3
+            base = best_seconds(partial(baseline, path), args.repeat) / episodes * 1e3
             report = run_inspect_h5([path], cfg)  # warm-up; also checks the file is read as intended
             assert [row.length for row in report.files[0].episodes] == [length] * episodes
-            ms = best_seconds(lambda p=path: run_inspect_h5([p], cfg), args.repeat) / episodes * 1e3
+            ms = best_seconds(partial(run_inspect_h5, [path], cfg), args.repeat) / episodes * 1e3
             worst = max(worst, ms)
             size = path.stat().st_size / 1e6
             print(
