@@ -220,7 +220,7 @@ def check_stats_match(stats: StatsFile, datasets: Sequence[EpisodeDataset], keym
     paths = [str(d.get("path")) for d in stats.data.get("datasets", [])]
     stats_km = "the default key map" if stats.data.get("keymap_is_default") else f"key map {stats.keymap_sha256[:12]}"
     data_km = "the default key map" if keymap.is_default else f"key map {keymap.sha256()[:12]}"
-    what = "key map" if have == given else "dataset(s)"
+    what = "datasets" if same_keymap else "key maps"
     given_paths = " ".join(str(d.root) for d in datasets)
     raise InputFormatError(
         f"stats at {stats.source} (fingerprint {stats.fingerprint[:12]}) were computed by `vlacl ds-stats` for "

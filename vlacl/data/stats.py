@@ -567,7 +567,7 @@ def compute_stats(
         ", ".join(features),
     )
     done = 0
-    workers = min(len(accs), os.cpu_count() or 1)
+    workers = min(len(accs), (os.cpu_count() or 1) - 1)  # one core stays with the reader thread
     with ThreadPoolExecutor(workers, thread_name_prefix="vlacl-stats") if workers > 1 else nullcontext() as pool:
         for position, ds in enumerate(datasets):
             keys = [k for k in numeric_keys(ds.features) if k in accs]
