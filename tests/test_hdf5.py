@@ -440,3 +440,20 @@ def test_broken_json_attribute_is_one_warning_line(h5: Hdf5Factory, monkeypatch:
     ]
     assert {ep.instruction for ep in ds.episodes} == {""}
     assert ds.identity()["flip_images"] is True  # still LIBERO's, by its bddl_file_name attribute
+
+
+def test_flat_camera_of_another_length_is_an_error_not_left_out(h5: Hdf5Factory) -> None:
+    path = h5.flat(mutate=_shorten("images"))
+    with pytest.raises(InputFormatError, match=r"images in episode_000.h5 has 11 frames but actions has 12"):
+        _open(path)
+
+
+def test_default_camera_names(h5: Hdf5Factory) -> None:
+    def cameras(f: h5py.File) -> None:
+        f.create_dataset("observations/images/cam.high", data=np.zeros((12, 4, 4, 3), np.uint8))
+        f.create_dataset("wrist_image", data=np.zeros((12, 4, 4, 1), np.uint8))
+        f.create_dataset("depth_images", data=np.zeros((12, 4, 4), np.uint8))  # no channel axis: not a camera
+
+    ds = _open(h5.flat(mutate=cameras))
+    cams = sorted(k for k in ds.features if ds.features[k].is_image)
+    assert cams == [image_key("cam_high"), image_key("image"), image_key("wrist")]

@@ -528,12 +528,13 @@ def _fps(f: h5py.File) -> float | None:
             value = scope.attrs.get("fps")
         except H5_ERRORS:
             value = None
-        if isinstance(value, int | float | np.integer | np.floating) and float(value) > 0:
+        is_number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+        if is_number and np.isfinite(value) and float(value) > 0:
             return float(value)
         env_args = json_attr(scope, "env_args")
         kwargs = env_args.get("env_kwargs") if env_args else None
         freq = kwargs.get("control_freq") if isinstance(kwargs, dict) else None
-        if isinstance(freq, int | float) and not isinstance(freq, bool) and freq > 0:
+        if isinstance(freq, int | float) and not isinstance(freq, bool) and np.isfinite(freq) and freq > 0:
             return float(freq)
     return None
 
@@ -544,8 +545,11 @@ def natural_key(name: str) -> list[tuple[int, str]]:
 
 
 def camera_name(key: str) -> str:
-    """Camera name of a dataset: the last path component, ``_rgb``/``_image(s)`` stripped; ``images`` -> ``image``."""
-    name = key.rsplit("/", 1)[-1]
+    """Camera name of a dataset: the last path component, ``_rgb``/``_image(s)`` stripped; ``images`` -> ``image``.
+
+    Dots become underscores, as camera names go after ``observation.images.``.
+    """
+    name = key.rsplit("/", 1)[-1].replace(".", "_")
     if name == "images":
         return "image"
     for suffix in CAMERA_SUFFIXES:
@@ -639,7 +643,7 @@ def _sources(group: h5py.Group, keymap: KeyMap, layout: Layout, where: str) -> d
     else:
         for path in sorted(candidates, key=natural_key):
             ds = candidates[path]
-            if is_camera(ds) and ds.shape[0] == length:
+            if is_camera(ds):  # a camera of another length is an error below, not left out
                 name = camera_name(path)
                 if name in cameras:
                     raise InputFormatError(
