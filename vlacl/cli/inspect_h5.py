@@ -15,10 +15,11 @@ from vlacl.config.inspect_h5 import InspectH5Config
 from vlacl.errors import InputFormatError
 
 if TYPE_CHECKING:
+    from rich.table import Table
     from rich.text import Text
     from rich.tree import Tree
 
-    from vlacl.data.inspect_h5 import FileReport, InspectH5Report, Node, Severity
+    from vlacl.data.inspect_h5 import CameraSample, FileReport, InspectH5Report, Node, Severity
 
 PANEL_CHECKS = "Checks"
 COLLAPSE_GROUPS = 3
@@ -132,6 +133,9 @@ def print_report(report: InspectH5Report) -> None:
                     Text(row.instruction),
                 )
         stdout.print(table)
+    samples = [(file.path, sample) for file in report.files for sample in file.image_samples]
+    if samples:
+        stdout.print(_samples_table(samples))
     for finding in report.findings:
         episode = finding.episode if finding.episode and finding.episode != Path(finding.file).name else None
         where = finding.file + (f" {episode}" if episode else "")
@@ -166,6 +170,27 @@ def _datasets(files: Sequence[FileReport]) -> list[tuple[str, list[FileReport]]]
             key = title = file.path
         out.setdefault(key, (title, []))[1].append(file)
     return list(out.values())
+
+
+def _samples_table(samples: Sequence[tuple[str, CameraSample]]) -> Table:
+    """Per file and camera dataset: frames sampled, mean brightness of the top and bottom thirds, blank frames."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="Sampled camera frames (as stored)", title_justify="left")
+    for column in ("file", "camera", "frames", "top third", "bottom third", "blank"):
+        table.add_column(column, justify="left" if column in ("file", "camera") else "right")
+    totals: dict[tuple[str, str], list[float]] = {}
+    for path, sample in samples:
+        total = totals.setdefault((path, sample.dataset), [0, 0.0, 0.0, 0])
+        total[0] += sample.frames
+        total[1] += sample.top_mean * sample.frames
+        total[2] += sample.bottom_mean * sample.frames
+        total[3] += sample.blank_frames
+    for (path, dataset), (frames, top, bottom, blank) in totals.items():
+        numbers = (f"{frames:,.0f}", f"{top / frames:.1f}", f"{bottom / frames:.1f}", f"{blank:,.0f}")
+        table.add_row(Text(path), Text(dataset), *numbers)
+    return table
 
 
 def _vector(values: Sequence[float | None]) -> str:

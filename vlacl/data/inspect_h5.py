@@ -469,7 +469,7 @@ class _FileScan:
         robomimic = self.format == FORMAT_ROBOMIMIC
         datasets = _datasets(group)
         action_path = next((k for k in ACTION_KEYS if isinstance(group.get(k), h5py.Dataset)), None)
-        action = datasets.get(action_path) if action_path else None
+        action = group.get(action_path) if action_path else None
         length: int | None = None
         reported: list[str] = []
         if action is None:
