@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from tests.hdf5_factories import Hdf5Factory, actions_of, garbage, replace, truncate
 from vlacl.cli.app import VlaclGroup
 from vlacl.cli.inspect_h5 import inspect_h5
+from vlacl.cli.logging_setup import configure_logging
 from vlacl.config.inspect_h5 import InspectH5Config
 from vlacl.data import hdf5
 from vlacl.data.inspect_h5 import Finding, InspectH5Report, expand_paths, run_inspect_h5
@@ -36,12 +37,13 @@ def h5(tmp_path: Path) -> Iterator[Hdf5Factory]:
 def app() -> typer.Typer:
     """A command group with vlacl's exception boundary and ``inspect-h5`` registered as the app will."""
     group = typer.Typer(cls=VlaclGroup)
+
+    @group.callback()
+    def main() -> None:
+        """Log to this invocation's stderr, as the real app does."""
+        configure_logging(0, False)
+
     group.command("inspect-h5")(inspect_h5)
-
-    @group.command("version")
-    def version() -> None:
-        """A second command, so that ``inspect-h5`` is a subcommand."""
-
     return group
 
 
@@ -381,7 +383,9 @@ def test_cli_json_strict_and_flags(h5: Hdf5Factory, app: typer.Typer, runner: Cl
     strict = runner.invoke(app, [*args, "--strict"])
     assert strict.exit_code == 1
     assert json.loads(strict.stdout)["summary"]["errors"] == 1
-    assert strict.stderr.strip() == "error: 1 finding with severity error (--strict): see the report on stdout"
+    log_line, error_line = strict.stderr.strip().splitlines()
+    assert log_line.endswith("INFO vlacl.data.inspect_h5: inspected HDF5 files: 1 (1 errors, 2 warnings)")
+    assert error_line == "error: 1 finding with severity error (--strict): see the report on stdout"
 
     good = h5.robomimic("good.hdf5")
     assert runner.invoke(app, ["inspect-h5", str(good), "--strict", "--json"]).exit_code == 0

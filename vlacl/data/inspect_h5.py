@@ -360,7 +360,7 @@ def run_inspect_h5(paths: Sequence[str | Path], cfg: InspectH5Config) -> Inspect
     rank = {s: i for i, s in enumerate(SEVERITIES)}
     findings.sort(key=lambda f: (order[f.file], f.episode is not None, natural_key(f.episode or ""), rank[f.severity]))
     log.info(
-        "inspected %d files: %d errors, %d warnings",
+        "inspected HDF5 files: %d (%d errors, %d warnings)",
         len(files),
         sum(f.severity == "error" for f in findings),
         sum(f.severity == "warning" for f in findings),
