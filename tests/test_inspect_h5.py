@@ -354,21 +354,21 @@ def test_config_is_validated_with_the_flag_name() -> None:
 
 
 def test_cli_prints_tree_table_findings_and_summary(h5: Hdf5Factory, app: typer.Typer, runner: CliRunner) -> None:
-    path = h5.robomimic(lengths=(12, 15, 10, 11, 13))
+    path = h5.robomimic(lengths=(12, 15, 10, 11, 13, 9, 9, 9, 9, 9, 9))
     result = runner.invoke(app, ["inspect-h5", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "agentview_rgb  (12, 8, 8, 3)  uint8" in out
-    assert "... 4 more groups (demo_1 .. demo_4)" in out
+    assert "... 10 more groups (demo_1 .. demo_10)" in out
     assert "open the top drawer of the cabinet" in out
     assert "upside_down_images" in out
-    assert out.rstrip().endswith("1 file, 5 episodes, 61 frames: 0 errors, 0 warnings, 1 info")
+    assert out.rstrip().endswith("1 file, 11 episodes, 115 frames: 0 errors, 0 warnings, 1 info")
     assert "Sampled camera frames" not in out
 
     sampled = runner.invoke(app, ["inspect-h5", str(path), "--no-tree", "--sample-images", "2"], env={"COLUMNS": "200"})
     assert "agentview_rgb  (12, 8, 8, 3)" not in sampled.stdout
     [row] = [line for line in sampled.stdout.splitlines() if line.startswith("\u2502") and "obs/agentview_rgb" in line]
-    assert row.split("\u2502")[3].strip() == "10"  # 2 frames from each of 5 episodes
+    assert row.split("\u2502")[3].strip() == "22"  # 2 frames from each of 11 episodes
 
 
 def test_cli_json_strict_and_flags(h5: Hdf5Factory, app: typer.Typer, runner: CliRunner) -> None:

@@ -688,7 +688,7 @@ def _sample_summary(samples: Sequence[CameraSample]) -> str:
 
 def _tree(f: h5py.File) -> Iterator[Node]:
     yield Node("/", "group", attrs=_attrs(f))
-    for name, obj in walk(f):
+    for name, obj in sorted(walk(f), key=lambda item: natural_key(item[0])):
         if isinstance(obj, h5py.Dataset):
             yield Node(
                 path=f"/{name}",
