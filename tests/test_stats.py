@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -128,6 +129,16 @@ def test_binary_dims_are_detected_masked_and_exact(
     assert feat["norm_mode"] == "q99"
     levels = {float(v) for v in np.asarray(state[:, 3], dtype=np.float64)}
     assert {feat["q01"][3], feat["q99"][3]} <= levels
+
+
+def test_norm_mode_applies_to_state_and_action_and_extras_default_to_none() -> None:
+    eps = [{STATE: np.ones((4, 2)), ACTION: np.ones((4, 1)), "timestamps": np.arange(4.0)}]
+    ds = make_dataset("extras", eps, [0])
+    result = compute_stats([ds], DsStatsConfig(image_frames=0, norm_mode="mean_std"))
+    assert [result["features"][k]["norm_mode"] for k in (STATE, ACTION, "timestamps")] == ["mean_std"] * 2 + ["none"]
+    cfg = DsStatsConfig(image_frames=0, feature_norm_modes={"timestamps": "min_max", ACTION: "none"})
+    result = compute_stats([ds], cfg)
+    assert [result["features"][k]["norm_mode"] for k in (STATE, ACTION, "timestamps")] == ["q99", "none", "min_max"]
 
 
 def test_overrides_force_the_mask(mixed: tuple[FakeDataset, np.ndarray, np.ndarray, list[int]]) -> None:
@@ -423,6 +434,6 @@ def test_features_reduced_in_parallel_give_the_same_stats(
     mixed: tuple[FakeDataset, np.ndarray, np.ndarray, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     serial = compute_stats([mixed[0]], NO_IMAGES)
-    monkeypatch.setattr(stats.os, "cpu_count", lambda: 8)  # a pool of one thread per feature
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # a pool of one thread per feature
     parallel = compute_stats([mixed[0]], NO_IMAGES)
     assert parallel == serial

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlacl.config.core import invalid, setting
+from vlacl.data.features import role_of
 from vlacl.data.normalize import DimOverrides, NormMode
 from vlacl.errors import ConfigError
 
@@ -20,14 +21,14 @@ class DsStatsConfig:
 
     norm_mode: NormMode = setting(
         "q99",
-        "Normalization of every numeric feature (state, action, extras): q99 (q01/q99 to [-1, 1], clipped; "
-        "robust to outliers), min_max (clipped), mean_std or none.",
+        "Normalization of the state and the action: q99 (q01/q99 to [-1, 1], clipped; robust to outliers), "
+        "min_max (clipped), mean_std or none.",
         flag="--norm-mode",
     )
     feature_norm_modes: Mapping[str, NormMode] | None = setting(
         None,
-        "Per-feature modes replacing --norm-mode, e.g. --set 'feature_norm_modes={action: min_max}'; camera "
-        "features default to none.",
+        "Per-feature modes replacing the default, e.g. --set 'feature_norm_modes={action: min_max}'; features "
+        "other than the state and the action (extra keys, cameras) default to none.",
     )
     binary_dims: Mapping[str, tuple[int, ...]] | None = setting(
         None,
@@ -82,9 +83,9 @@ class DsStatsConfig:
         """The per-dimension mask overrides."""
         return DimOverrides.of(self.binary_dims, self.continuous_dims)
 
-    def mode_of(self, key: str, is_image: bool) -> NormMode:
-        """The normalization mode of feature ``key``."""
+    def mode_of(self, key: str) -> NormMode:
+        """The mode of feature ``key``: its own, else ``norm_mode`` for the state and the action, else none."""
         modes = self.feature_norm_modes or {}
         if key in modes:
             return modes[key]
-        return "none" if is_image else self.norm_mode
+        return self.norm_mode if role_of(key) in ("state", "action") else "none"

@@ -181,25 +181,26 @@ class _FeatureAccumulator:
         x = self._x[:, :n]
         np.copyto(x, values.T, casting="unsafe")  # (D, n) float64
         starts = np.flatnonzero(np.diff(slots)) + 1 if n > 1 else np.zeros(0, dtype=np.intp)
+        flat = self.hist.reshape(len(self.count), -1)  # (G, D * B)
         if len(starts) == 0:
             lo, hi = x.min(axis=1), x.max(axis=1)  # (D,)
             self._check_finite(x, lo, hi)
             self._track_distinct(x, lo, hi)
             self._cover(lo, hi)
             self._add_run(int(slots[0]), x, lo, hi)
-            idx = self._bins(x, n, float(int(slots[0]) * self.dims * HIST_BINS))
-        else:
-            bounds = np.concatenate([[0], starts])  # (R,) first column of each run
-            run_lo = np.minimum.reduceat(x, bounds, axis=1)  # (D, R)
-            run_hi = np.maximum.reduceat(x, bounds, axis=1)
-            lo, hi = run_lo.min(axis=1), run_hi.max(axis=1)
-            self._check_finite(x, lo, hi)
-            self._track_distinct(x, lo, hi)
-            self._cover(lo, hi)
-            self._add_runs(x, slots, bounds, run_lo, run_hi)
-            idx = self._bins(x, n, 0.0)
-            idx += (slots * (self.dims * HIST_BINS))[None, :]  # (D, n) into each row's group
-        np.add.at(self.hist.reshape(-1), idx.reshape(-1), self._one)
+            np.add.at(flat[int(slots[0])], self._bins(x, n).reshape(-1), self._one)
+            return
+        bounds = np.concatenate([[0], starts])  # (R,) first column of each run
+        run_lo = np.minimum.reduceat(x, bounds, axis=1)  # (D, R)
+        run_hi = np.maximum.reduceat(x, bounds, axis=1)
+        lo, hi = run_lo.min(axis=1), run_hi.max(axis=1)
+        self._check_finite(x, lo, hi)
+        self._track_distinct(x, lo, hi)
+        self._cover(lo, hi)
+        self._add_runs(x, slots, bounds, run_lo, run_hi)
+        idx = self._bins(x, n)
+        for a, b in zip(bounds.tolist(), [*starts.tolist(), n], strict=True):  # a group's block at a time: in cache
+            np.add.at(flat[int(slots[a])], idx[:, a:b].reshape(-1), self._one)
 
     def _check_finite(self, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
         if np.isfinite(lo).all() and np.isfinite(hi).all():
@@ -252,10 +253,14 @@ class _FeatureAccumulator:
         rows = self.hist[:, d, :]  # (G, B) view
         used = np.flatnonzero(self.count)
         if self.active[d] and len(used):
-            g, i = np.nonzero(rows[used])  # (K,), (K,) the filled bins of every group
+            inv, old = float(self.inv[d]), int(self.start[d])  # the data seen so far fills old bins [a, b]
+            a = math.floor(float(self.seen_min[d]) * inv) - old
+            b = math.floor(float(self.seen_max[d]) * inv) - old
+            g, i = np.nonzero(rows[used, a : b + 1])  # (K,), (K,) the filled bins of every group
+            i += a
             counts = rows[used[g], i]
-            rows[used] = 0
-            target = ((int(self.start[d]) + i) >> (exp - int(self.exp[d]))) - start  # new bins: unions of old ones
+            rows[used[g], i] = 0
+            target = ((old + i) >> (exp - int(self.exp[d]))) - start  # new bins: unions of old ones
             np.add.at(rows, (used[g], target), counts)
         elif len(used):  # every value so far was the constant seen_min[d]: each group's count goes in its bin
             at = math.floor(math.ldexp(float(self.seen_min[d]), -exp)) - start
@@ -265,13 +270,13 @@ class _FeatureAccumulator:
         self.inv[d] = math.ldexp(1.0, -exp)
         self.offset[d] = float(start - d * HIST_BINS)
 
-    def _bins(self, x: np.ndarray, n: int, base: float) -> np.ndarray:
-        """Flat histogram index of every value: ``(D, n)`` intp (inactive dimensions land in their bin 0)."""
+    def _bins(self, x: np.ndarray, n: int) -> np.ndarray:
+        """Index of every value in its group's ``(D * B,)`` counters: ``(D, n)`` intp (inactive dims: their bin 0)."""
         tmp = self._tmp[:, :n]
         idx = self._idx[:, :n]
         np.multiply(x, self.inv[:, None], out=tmp)  # exact: a power of two
         np.floor(tmp, out=tmp)
-        np.subtract(tmp, (self.offset - base)[:, None], out=idx, casting="unsafe")  # exact integers
+        np.subtract(tmp, self.offset[:, None], out=idx, casting="unsafe")  # exact integers
         return idx
 
     def _add_run(self, g: int, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
@@ -336,7 +341,9 @@ class _FeatureAccumulator:
             mean = mean + delta * (n_b / total)
             m2 = m2 + self.m2[g] + delta * delta * (count * n_b / total)
             count = int(total)
-        hist = self.hist[used].sum(axis=0, dtype=np.int64)  # (D, B)
+        hist = np.zeros((self.dims, HIST_BINS), dtype=np.int64)  # (D, B)
+        for g in used:  # group by group: no (G, D, B) temporary
+            hist += self.hist[g]
         return self._stats(count, mean, m2, self.min[used].min(axis=0), self.max[used].max(axis=0), hist)
 
     def binary_dims(self) -> list[int]:
@@ -775,7 +782,7 @@ def _assemble(
     total: int,
 ) -> dict[str, Any]:
     overrides = cfg.overrides()
-    modes: dict[str, NormMode] = {k: cfg.mode_of(k, f.is_image) for k, f in features.items()}
+    modes: dict[str, NormMode] = {k: cfg.mode_of(k) for k in features}
     out_features: dict[str, dict[str, Any]] = {}
     worst_relative = 0.0
     for key, acc in accs.items():
