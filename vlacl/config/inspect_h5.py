@@ -22,7 +22,7 @@ class InspectH5Config:
     )
     chunk: int = setting(
         8,
-        "Actions per training sample (the action chunk); 8 is the chunk common for LIBERO policies.",
+        "Actions per training sample (the action chunk); 8 is OpenVLA-OFT's chunk on LIBERO.",
         flag="--chunk",
     )
     sample_images: int = setting(
