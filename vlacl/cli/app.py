@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from vlacl import __version__
 from vlacl.cli.cl_metrics import cl_metrics
 from vlacl.cli.context import ARGV_KEY
+from vlacl.cli.inspect_h5 import inspect_h5
 from vlacl.cli.logging_setup import configure_logging
 from vlacl.errors import Terminated, VlaclError
 
@@ -116,6 +117,11 @@ app.command(
     epilog="Example: `vlacl cl-metrics examples/matrices/cw4-er.csv --out runs/cw4-metrics`\n\n"
     "Compare runs: `vlacl cl-metrics seq=runs/seq-eval er=runs/er-eval --out runs/compare`",
 )(cl_metrics)
+app.command(
+    "inspect-h5",
+    epilog="Example: `vlacl inspect-h5 libero_goal --sample-images 4`\n\n"
+    "In scripts: `vlacl inspect-h5 'data/**/*.hdf5' --no-tree --json --strict`",
+)(inspect_h5)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
