@@ -258,3 +258,16 @@ def test_help_shows_every_option_with_its_default(runner: CliRunner) -> None:
     flat = " ".join(result.stdout.replace("\u2502", " ").split())
     for text in ("--norm-mode", "--image-frames", "--keymap", "--max-tasks", "(default: q99)", "(default: 1000)"):
         assert text in flat, text
+
+
+def test_progress_bar_on_a_terminal_takes_both_phases(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from vlacl.cli import ds_stats as cli
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    with cli._progress() as progress:
+        assert progress is not None
+        progress("frames", 10, 100)
+        progress("frames", 100, 100)
+        progress("images", 3, 3)
