@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -386,6 +387,21 @@ def test_image_stats_over_every_frame_equal_numpy(dtype: str) -> None:
     if dtype == "uint8":
         assert (bound == 0).all()
     assert "observation.images.front" not in result["tasks"]["0"]["features"]
+
+
+def test_camera_frames_of_mixed_dtypes_or_with_nan_are_refused() -> None:
+    ds, _ = image_dataset("float32")
+    cam = "observation.images.front"
+    ds.episode_list[1].arrays[cam][0, 0, 0, 1] = np.nan
+    with pytest.raises(
+        InputFormatError, match=r"observation\.images\.front channel 1 is nan in a frame of cams:episode_1"
+    ):
+        compute_stats([ds], DsStatsConfig(image_frames=10_000))
+    ds, frames = image_dataset("float32")
+    third = ds.episode_list[2]
+    ds.episode_list[2] = dataclasses.replace(third, arrays={**third.arrays, cam: frames[:5]})  # uint8 among float
+    with pytest.raises(InputFormatError, match="has uint8 frames in cams:episode_2 but other frames are not uint8"):
+        compute_stats([ds], DsStatsConfig(image_frames=10_000))
 
 
 def test_image_sample_is_seeded_and_sized() -> None:

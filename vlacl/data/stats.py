@@ -421,11 +421,21 @@ class _ImageAccumulator:
         self.levels = np.zeros((channels, 256), dtype=np.int64)  # (C, 256) uint8 frames
         self.other: _FeatureAccumulator | None = None  # frames of another dtype
 
-    def update(self, frames: np.ndarray) -> None:
-        """Add ``(T, H, W, C)`` frames."""
+    def update(self, frames: np.ndarray, key: str, where: str) -> None:
+        """Add ``(T, H, W, C)`` frames of camera ``key`` read from ``where``.
+
+        Raises:
+            InputFormatError: Frames of another dtype family than the camera's earlier ones.
+        """
+        uint8 = frames.dtype == np.uint8
+        if (uint8 and self.other is not None) or (not uint8 and self.levels.any()):
+            raise InputFormatError(
+                f"{key} has {frames.dtype} frames in {where} but other frames are "
+                f"{'uint8' if self.levels.any() else 'not uint8'}: stats cannot combine them; convert the frames"
+            )
         self.frames += len(frames)
         pixels = frames.reshape(-1, self.channels)  # (T*H*W, C)
-        if frames.dtype == np.uint8:
+        if uint8:
             shifted = pixels.astype(np.intp) + np.arange(self.channels) * 256  # (P, C)
             self.levels += np.bincount(shifted.ravel(), minlength=self.channels * 256).reshape(self.channels, 256)
             return
@@ -434,14 +444,17 @@ class _ImageAccumulator:
             self.other = _FeatureAccumulator(self.channels, 1, np.int64)
         for lo in range(0, len(pixels), CHUNK_ROWS):
             part = pixels[lo : lo + CHUNK_ROWS].astype(np.float64) * scale  # (n, C)
-            self.other.update(part, np.zeros(len(part), dtype=np.int64))
+            try:
+                self.other.update(part, np.zeros(len(part), dtype=np.int64))
+            except _NonFiniteError as bad:
+                raise InputFormatError(
+                    f"{key} channel {bad.dim} is {bad.value} in a frame of {where}: stats need finite numbers; "
+                    "fix or drop that episode"
+                ) from None
 
     def stats(self) -> dict[str, Any]:
         """Stats as ``(C, 1, 1)`` nested lists."""
-        if self.other is not None and self.levels.sum() == 0:
-            flat = self.other.global_stats()
-        else:
-            flat = _level_stats(self.levels)
+        flat = self.other.global_stats() if self.other is not None else _level_stats(self.levels)
         out: dict[str, Any] = {}
         for name, values in flat.items():
             out[name] = values if name == "count" else [[[v]] for v in values]
@@ -756,7 +769,7 @@ def _image_stats(
             if key not in ds.features:
                 continue
             for run in runs:
-                acc.update(np.asarray(ep.read(key, int(run[0]), int(run[-1]) + 1)))  # (k, H, W, C)
+                acc.update(np.asarray(ep.read(key, int(run[0]), int(run[-1]) + 1)), key, ep.source)  # (k, H, W, C)
         done += len(frames)
         if progress is not None:
             progress("images", done, len(picks))
