@@ -33,7 +33,7 @@ def ds_stats(
         list[Path],
         typer.Argument(
             help="Datasets: LeRobot v3.0/v2.1 directories, HDF5 files (robomimic/LIBERO or flat), or directories "
-            "of them. Several are combined, with per-task stats keyed <dataset>/<task_index>.",
+            "of them. Several are combined, with per-task stats keyed `dataset/task_index`.",
             metavar="DATASET",
             rich_help_panel=PANEL_INPUT,
             show_default=False,

@@ -56,7 +56,7 @@ class DsStatsConfig:
         65536, "Frames read per batch; memory is bounded by it, not by the dataset size.", flag="--rows-per-batch"
     )
     keymap: Path | None = setting(
-        None, "Key map YAML naming the state, action and camera keys (default: the format's own).", flag="--keymap"
+        None, "Key map YAML naming the state, action and camera keys; none keeps the format's own.", flag="--keymap"
     )
 
     def __post_init__(self) -> None:
