@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from vlacl import __version__
 from vlacl.cli.cl_metrics import cl_metrics
 from vlacl.cli.context import ARGV_KEY
+from vlacl.cli.ds_stats import ds_stats
 from vlacl.cli.inspect_h5 import inspect_h5
 from vlacl.cli.logging_setup import configure_logging
 from vlacl.errors import Terminated, VlaclError
@@ -117,6 +118,12 @@ app.command(
     epilog="Example: `vlacl cl-metrics examples/matrices/cw4-er.csv --out runs/cw4-metrics`\n\n"
     "Compare runs: `vlacl cl-metrics seq=runs/seq-eval er=runs/er-eval --out runs/compare`",
 )(cl_metrics)
+app.command(
+    "ds-stats",
+    epilog="Example: `vlacl ds-stats data/libero_10 --out runs/libero10-stats`\n\n"
+    "Several datasets, a key map and min/max normalization: "
+    "`vlacl ds-stats data/pick data/place --keymap keymap.yaml --norm-mode min_max --out runs/stats`",
+)(ds_stats)
 app.command(
     "inspect-h5",
     epilog="Example: `vlacl inspect-h5 libero_goal --sample-images 4`\n\n"

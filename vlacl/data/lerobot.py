@@ -204,18 +204,24 @@ class LeRobotDataset:
         for rel, metas in by_file.items():
             wanted = _row_mask(metas)
             task_of_row = _task_rows(metas)
-            pf = _parquet_file(self._root / rel)
-            offset = 0
-            for batch in pf.iter_batches(batch_size=rows_per_batch, columns=source_cols, use_threads=True):
-                n = batch.num_rows
-                rows = slice(offset, offset + n)
-                offset += n
-                keep = wanted[rows]
-                if not keep.any():
-                    continue
-                table = pa.Table.from_batches([batch])
-                columns = {k: self._columns_to_numpy(table, k, rel)[keep] for k in keys}
-                yield ColumnBatch(columns, task_of_row[rows][keep])
+            _parquet_file(self._root / rel)  # a clear error for a missing or damaged file
+            # A fresh handle per pass, closed after it: a cached one would keep every buffer it read.
+            with pq.ParquetFile(self._root / rel) as pf:
+                offset = 0
+                for batch in pf.iter_batches(batch_size=rows_per_batch, columns=source_cols, use_threads=True):
+                    n = batch.num_rows
+                    rows = slice(offset, offset + n)
+                    offset += n
+                    keep = wanted[rows]
+                    if not keep.any():
+                        continue
+                    table = pa.Table.from_batches([batch])
+                    columns = {k: self._columns_to_numpy(table, k, rel) for k in keys}
+                    tasks = task_of_row[rows]
+                    if not keep.all():
+                        columns = {k: v[keep] for k, v in columns.items()}
+                        tasks = tasks[keep]
+                    yield ColumnBatch(columns, tasks)
 
     def read_frames(self, meta: _EpisodeMeta, key: str, start: int, stop: int) -> np.ndarray:
         """Frames ``[start, stop)`` of ``key`` for one episode."""
