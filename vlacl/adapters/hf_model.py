@@ -1,22 +1,35 @@
-"""Reading a Hugging Face model directory of safetensors shards without loading its weights.
+"""Reading a Hugging Face model directory of safetensors shards, headers first, weights shard by shard.
 
-Only the shard headers are read: tensor names, dtypes and shapes. A directory is either one
-``model.safetensors`` or several shards listed in ``model.safetensors.index.json``. Weights in
-pickle formats (``pytorch_model.bin``) are refused: vlacl never unpickles files users pass in.
+:func:`read_base_model` reads only the shard headers (through ``safetensors.safe_open``, which
+validates them): tensor names, dtypes and shapes. A directory is either one ``model.safetensors``
+or several shards listed in ``model.safetensors.index.json``. Weights in pickle formats
+(``pytorch_model.bin``) are refused: vlacl never unpickles files users pass in.
+
+:class:`ShardBuffer` then reads one shard at a time, whole, into one buffer that is reused for
+every shard, and hands out tensors that are views of it. Reading a shard costs one sequential
+read and no allocation: fresh memory is paid for page by page (a page fault per 4 KiB, expensive
+on virtual machines), and a buffer allocated once is paid for once.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import mmap
 import re
-from collections.abc import Mapping
+import struct
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from vlacl.artifacts.manifest import load_json
 from vlacl.artifacts.names import CONFIG_NAME, MANIFEST_NAME, SAFETENSORS_INDEX_NAME
 from vlacl.errors import InputFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 HF_CONFIG_NAME: Final = "config.json"
 """The model config every Hugging Face model directory holds."""
@@ -159,7 +172,9 @@ def read_base_model(path: Path | str) -> BaseModel:
                 for key in fh.keys():  # noqa: SIM118  # safe_open is not a mapping
                     view = fh.get_slice(key)
                     if key in tensors:
-                        raise InputFormatError(f"base model tensor {key} is in two shards, {tensors[key].shard} and {shard}")
+                        raise InputFormatError(
+                            f"base model tensor {key} is in two shards, {tensors[key].shard} and {shard}"
+                        )
                     tensors[key] = TensorInfo(shard=shard, dtype=view.get_dtype(), shape=tuple(view.get_shape()))
         except InputFormatError:
             raise
@@ -190,3 +205,137 @@ def _read_index(index_file: Path) -> dict[str, str]:
         if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
             raise InputFormatError(f"base model {index_file} names an invalid shard file {shard!r}")
     return {str(k): str(v) for k, v in weight_map.items()}
+
+
+TORCH_DTYPES: Final = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+"""safetensors dtype names -> torch dtype attribute names."""
+
+_READ_CHUNK: Final = 64 << 20
+"""Bytes per ``readinto`` call: large enough for full disk speed, small enough to stay responsive."""
+
+
+class ShardBuffer:
+    """One buffer, as large as the largest shard, that the shards of a model are read into in turn.
+
+    The tensors :meth:`read` returns are writable views of the buffer, valid until the next
+    :meth:`read`; they are changed in place and handed to ``safetensors.torch.save_file`` as they
+    are. Each view has a storage of its own, so safetensors does not take them for shared tensors.
+    """
+
+    def __init__(self, size: int) -> None:
+        if sys.byteorder != "little":
+            raise InputFormatError("safetensors files are little-endian; vlacl merges on little-endian machines only")
+        self._buffer = mmap.mmap(-1, max(size, 1))
+
+    def read(
+        self, base: BaseModel, shard: str, ready: Callable[[str, torch.Tensor], None] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Read ``shard`` of ``base`` whole and return its tensors, checked against the header read before.
+
+        Args:
+            base: The model.
+            shard: The shard's file name.
+            ready: Called with each tensor as soon as its bytes are in, while the rest is still
+                being read, so that work on it overlaps the reading.
+
+        Raises:
+            InputFormatError: The file no longer matches the header :func:`read_base_model` read
+                (it changed or was damaged since), or it is larger than the buffer.
+        """
+        file = base.path / shard
+        view = memoryview(self._buffer)
+        tensors: dict[str, torch.Tensor] = {}
+        try:
+            with file.open("rb", buffering=0) as fh:
+                size = file.stat().st_size
+                if size > len(view):
+                    raise InputFormatError(f"base model shard {file} grew while vlacl read it: fetch the model again")
+                done = 0
+                entries: list[tuple[int, int, str, Any]] = []
+                start = 0
+                while done < size:
+                    got = fh.readinto(view[done : min(size, done + _READ_CHUNK)])
+                    if not got:
+                        raise InputFormatError(
+                            f"base model shard {file} is shorter than its header says: fetch it again"
+                        )
+                    done += got
+                    if not entries and done >= 8:
+                        (header_len,) = struct.unpack("<Q", view[:8])
+                        start = 8 + header_len
+                        if done < start:
+                            continue
+                        entries = self._entries(base, shard, json.loads(bytes(view[8:start])), size - start)
+                    while entries and start + entries[0][1] <= done:
+                        begin, end, key, dtype = entries.pop(0)
+                        tensors[key] = self._view(start + begin, end - begin, dtype, base.tensors[key].shape)
+                        if ready is not None:
+                            ready(key, tensors[key])
+        except (OSError, ValueError, struct.error) as exc:
+            raise InputFormatError(f"base model shard {file} cannot be read ({exc}): fetch the model again") from None
+        finally:
+            view.release()
+        if entries or len(tensors) != sum(1 for t in base.tensors.values() if t.shard == shard):
+            raise InputFormatError(
+                f"base model shard {file} changed since vlacl read its header: fetch the model again"
+            )
+        return tensors
+
+    @staticmethod
+    def _entries(
+        base: BaseModel, shard: str, header: Mapping[str, Any], data_size: int
+    ) -> list[tuple[int, int, str, Any]]:
+        """``(begin, end, key, torch dtype)`` of every tensor in the header, by offset, checked against ``base``."""
+        import torch
+
+        entries = []
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            info = base.tensors.get(key)
+            begin, end = entry["data_offsets"]
+            dtype = getattr(torch, TORCH_DTYPES.get(entry["dtype"], ""), None)
+            if (
+                info is None
+                or info.shard != shard
+                or info.dtype != entry["dtype"]
+                or info.shape != tuple(entry["shape"])
+                or not isinstance(dtype, torch.dtype)
+                or not 0 <= begin <= end <= data_size
+                or end - begin != info.nbytes
+            ):
+                raise InputFormatError(
+                    f"base model shard {base.path / shard} changed since vlacl read its header (tensor {key}): "
+                    "fetch the model again"
+                )
+            entries.append((begin, end, key, dtype))
+        return sorted(entries)
+
+    def _view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor over ``nbytes`` of the buffer at ``offset``; a copy where the offset is not aligned."""
+        import torch
+
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if offset % dtype.itemsize == 0:
+            return torch.frombuffer(self._buffer, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(
+                shape
+            )
+        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+        return raw.clone().view(dtype).view(shape)  # (nbytes,) bytes -> shape

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +34,8 @@ from vlacl.config.core import dump_config
 from vlacl.config.merge_lora import MergeLoraConfig
 from vlacl.errors import ArtifactError, InputFormatError
 
-from .hf_model import HF_CONFIG_NAME, SINGLE_SHARD_NAME, BaseModel, read_base_model
-from .peft_files import load_adapter
+from .hf_model import HF_CONFIG_NAME, BaseModel, ShardBuffer, read_base_model
+from .peft_files import is_finite, load_adapter
 from .sources import AdapterSource, open_sources
 
 if TYPE_CHECKING:
@@ -165,7 +168,9 @@ def build_plan(base: BaseModel, sources: Sequence[AdapterSource]) -> dict[str, _
                 key = find(label, target)
                 if tuple(tensor.shape) != base.tensors[key].shape:
                     raise _for_another_base(
-                        label, f"it saves {target} with shape {tuple(tensor.shape)}, but {key} is {base.tensors[key].shape}", base
+                        label,
+                        f"it saves {target} with shape {tuple(tensor.shape)}, but {key} is {base.tensors[key].shape}",
+                        base,
                     )
                 entry = plan.setdefault(key, _TensorPlan())
                 if entry.replaced_by is not None:
@@ -187,7 +192,9 @@ def build_plan(base: BaseModel, sources: Sequence[AdapterSource]) -> dict[str, _
                 if factors.bias is not None:
                     bias_key = resolver.resolve(module + ".bias")
                     if bias_key is None:
-                        raise _for_another_base(label, f"it trains a LoRA bias for {module}, whose base layer has no bias", base)
+                        raise _for_another_base(
+                            label, f"it trains a LoRA bias for {module}, whose base layer has no bias", base
+                        )
                     if base.tensors[bias_key].shape != (m.rows,):
                         raise _for_another_base(label, f"its LoRA bias of {module} has {m.rows} entries", base)
                     plan.setdefault(bias_key, _TensorPlan()).biases.append(factors.bias * m.scale)
@@ -199,8 +206,14 @@ def build_plan(base: BaseModel, sources: Sequence[AdapterSource]) -> dict[str, _
             entry.biases = [torch.stack(entry.biases).sum(dim=0)]
         info = base.tensors[key]
         if not info.dtype.startswith(("F", "BF")):
-            raise InputFormatError(f"base tensor {key} has dtype {info.dtype}: vlacl merges into floating-point weights only")
+            raise InputFormatError(
+                f"base tensor {key} has dtype {info.dtype}: vlacl merges into floating-point weights only"
+            )
     return plan
+
+
+_scratch = threading.local()
+"""Per-thread float32 block buffer, allocated once, so that no block allocates (and faults in) fresh memory."""
 
 
 def add_low_rank(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
@@ -215,35 +228,23 @@ def add_low_rank(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
 
     rows, cols = weight.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    exact = weight.dtype == torch.float32
+    if not exact:
+        scratch = getattr(_scratch, "buffer", None)
+        if scratch is None or scratch.numel() < step * cols:
+            scratch = _scratch.buffer = torch.empty(step * cols, dtype=torch.float32)
     finite = True
     for start in range(0, rows, step):
-        block = weight[start : start + step]  # (step, cols) view
-        acc = block.float()  # a copy, or the block itself for a float32 weight
-        acc.addmm_(left[start : start + step], right)
-        if acc is not block:
+        block = weight[start : start + step]  # (n, cols) view, n <= step
+        if exact:
+            block.addmm_(left[start : start + step], right)
+        else:
+            acc = scratch[: block.numel()].view(block.shape)  # (n, cols) float32
+            acc.copy_(block)
+            acc.addmm_(left[start : start + step], right)
             block.copy_(acc)
-        finite = finite and bool(torch.isfinite(block).all())
+        finite = finite and is_finite(block)
     return finite
-
-
-@contextmanager
-def _open_shard(file: Path) -> Iterator[tuple[Any, bool]]:
-    """``safe_open`` a shard; yield the handle and whether its tensors are private copies.
-
-    safetensors 0.6+ reads tensors with ``pread`` into memory of their own, so adapted weights
-    are changed in place and no file pages count towards the process's memory; older versions
-    map the file, and adapted weights are copied first.
-    """
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(file, framework="pt", backend="pread")  # type: ignore[call-arg]
-        owned = True
-    except TypeError:
-        handle = safe_open(file, framework="pt")
-        owned = False
-    with handle as fh:
-        yield fh, owned
 
 
 def _torch_dtype(name: str) -> torch.dtype | None:
@@ -252,51 +253,129 @@ def _torch_dtype(name: str) -> torch.dtype | None:
     return {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def _apply(key: str, tensor: torch.Tensor, entry: _TensorPlan, target: torch.dtype) -> torch.Tensor:
+    """Replace and update one base tensor, in place where its dtype stays; return it in ``target``.
+
+    Raises:
+        InputFormatError: The result holds NaN or Inf.
+    """
+
+    if entry.replacement is not None:
+        tensor = entry.replacement.to(target, copy=True)
+    elif target.itemsize > tensor.dtype.itemsize:
+        tensor = tensor.to(target)  # widen first, so the update is added at the higher precision
+    finite = True
+    if entry.lefts:
+        finite = add_low_rank(tensor, entry.lefts[0], entry.rights[0])
+    if entry.biases:
+        tensor.copy_(tensor.float() + entry.biases[0])
+    narrowed = tensor.dtype != target
+    tensor = tensor.to(target)
+    if narrowed or entry.biases or entry.replacement is not None:
+        finite = finite and is_finite(tensor)
+    if not finite:
+        names = dict.fromkeys([*entry.adapters, *([entry.replaced_by] if entry.replaced_by else [])])
+        raise InputFormatError(
+            f"merging {', '.join(names)} into {key} gives NaN or Inf in {str(target).removeprefix('torch.')}: the "
+            "update is too large for this dtype or the base weight is not finite; merge with --dtype float32 or "
+            "check the adapter"
+        )
+    return tensor
+
+
 def _merge_shard(
-    src: Path, dst: Path, plan: Mapping[str, _TensorPlan], out_dtype: torch.dtype | None
-) -> tuple[dict[str, int], set[str]]:
-    """Merge one shard into ``dst``; return the bytes of each tensor written and their dtypes."""
-    import torch
+    base: BaseModel,
+    shard: str,
+    buffer: ShardBuffer,
+    dst: Path,
+    plan: Mapping[str, _TensorPlan],
+    out_dtype: torch.dtype | None,
+    pool: ThreadPoolExecutor,
+) -> dict[str, torch.Tensor]:
+    """Merge one shard into ``dst``: read it into ``buffer``, update its weights in ``pool``, write it.
+
+    Returns:
+        The tensors written (views of ``buffer``, or new tensors where the dtype changed).
+    """
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
+    pending: dict[str, Future[torch.Tensor]] = {}
+    converted: dict[str, torch.Tensor] = {}
+
+    def ready(key: str, tensor: torch.Tensor) -> None:
+        target = out_dtype if out_dtype is not None and tensor.is_floating_point() else tensor.dtype
+        entry = plan.get(key)
+        if entry is not None:
+            pending[key] = pool.submit(_apply, key, tensor, entry, target)
+        elif target != tensor.dtype:
+            converted[key] = tensor.to(target)
+
     try:
-        with _open_shard(src) as (fh, owned):
-            for key in fh.keys():  # noqa: SIM118  # safe_open is not a mapping
-                tensor = fh.get_tensor(key)
-                target = out_dtype if out_dtype is not None and tensor.is_floating_point() else tensor.dtype
-                entry = plan.get(key)
-                if entry is None:
-                    tensors[key] = tensor.to(target)
-                    continue
-                if entry.replacement is not None:
-                    tensor = entry.replacement.to(target, copy=True)
-                elif target.itemsize > tensor.dtype.itemsize:
-                    tensor = tensor.to(target)  # widen first, so the update is added at the higher precision
-                elif not owned:
-                    tensor = tensor.clone()
-                finite = True
-                if entry.lefts:
-                    finite = add_low_rank(tensor, entry.lefts[0], entry.rights[0])
-                if entry.biases:
-                    tensor.copy_(tensor.float() + entry.biases[0])
-                narrowed = tensor.dtype != target
-                tensor = tensor.to(target)
-                if (narrowed or entry.biases or entry.replacement is not None) and tensor.is_floating_point():
-                    finite = finite and bool(torch.isfinite(tensor).all())
-                if not finite:
-                    sources = ", ".join(dict.fromkeys([*entry.adapters, *([entry.replaced_by] if entry.replaced_by else [])]))
-                    raise InputFormatError(
-                        f"merging {sources} into {key} gives NaN or Inf in {target}: the update is too large for this "
-                        "dtype or the base weight is not finite; merge with --dtype float32 or check the adapter"
-                    )
-                tensors[key] = tensor
-    except InputFormatError:
+        tensors = buffer.read(base, shard, ready)
+    except BaseException:
+        for future in pending.values():
+            future.cancel()
         raise
-    except Exception as exc:  # SafetensorError, OSError: a shard changed or was damaged since its header was read
-        raise InputFormatError(f"base model shard {src} cannot be read ({exc}): fetch the model again") from None
+    tensors.update(converted)
+    try:
+        for key, future in pending.items():
+            tensors[key] = future.result()
+    finally:
+        for future in pending.values():
+            future.cancel()
     save_file(tensors, str(dst), metadata={"format": "pt"})
-    return {k: t.numel() * t.element_size() for k, t in tensors.items()}, {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    return tensors
+
+
+@contextmanager
+def _recording_in_background(writer: ArtifactWriter, role: str, files: Sequence[Path]) -> Iterator[None]:
+    """Record ``files`` as inputs of ``writer`` in a background thread while the block runs.
+
+    Hashing the base model's shards reads them once more; done beside the merge it costs little
+    wall time, since hashing and the merge's disk writes release the GIL. The thread records in
+    order, so the manifest lists the files in a fixed order; it stops after the current file
+    when the block fails.
+    """
+    stop = threading.Event()
+
+    def record() -> None:
+        for file in files:
+            if stop.is_set():
+                return
+            writer.add_file_input(role, file)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlacl-hash") as hasher:
+        future = hasher.submit(record)
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            raise
+        future.result()
+
+
+@contextmanager
+def _merge_threads() -> Iterator[ThreadPoolExecutor]:
+    """A pool of single-threaded torch workers, one per CPU (at most 8).
+
+    Row blocks are small, and torch's intra-op threads would meet at a barrier after each one,
+    which on a busy machine (a shared node, other jobs) costs more than the work; whole tensors
+    handed to workers that each compute on one core do not wait for one another.
+    """
+    import torch
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(cpus, 8)), thread_name_prefix="vlacl-merge")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(previous)
 
 
 def _base_path(base: Path | None, sources: Sequence[AdapterSource]) -> Path:
@@ -318,7 +397,9 @@ def _base_path(base: Path | None, sources: Sequence[AdapterSource]) -> Path:
                 f"task checkpoint {source.path} was trained on {named!r}, which is not a model directory here: "
                 "pass the base model directory with --base"
             )
-    raise InputFormatError("no base model: pass the Hugging Face model directory the adapters were trained on with --base")
+    raise InputFormatError(
+        "no base model: pass the Hugging Face model directory the adapters were trained on with --base"
+    )
 
 
 def _expected_inputs(base: BaseModel, sources: Sequence[AdapterSource]) -> list[tuple[str, str, str]]:
@@ -411,48 +492,52 @@ def merge_lora(
     plan = build_plan(base_model, sources)
     out_dtype = _torch_dtype(cfg.dtype)
     policy = checkpoints[0].policy_files() if checkpoints else {}
-    shard_names = base_model.shards if base_model.sharded else (SINGLE_SHARD_NAME,)
     weight_map: dict[str, str] = {}
     total_size = 0
     dtypes: set[str] = set()
     written = 0
-    with ArtifactWriter(
-        out, KIND, command=command, config_yaml=dump_config(cfg), seed=None, overwrite=overwrite
-    ) as writer:
+    buffer = ShardBuffer(max(base_model.shard_bytes(shard) for shard in base_model.shards))
+    with (
+        ArtifactWriter(
+            out, KIND, command=command, config_yaml=dump_config(cfg), seed=None, overwrite=overwrite
+        ) as writer,
+        _merge_threads() as pool,
+    ):
         for source in sources:
             source.record(writer)
-        writer.add_file_input("base", base_model.path / HF_CONFIG_NAME)
-        for shard in base_model.shards:
-            writer.add_file_input("base", base_model.path / shard)
-        for file in base_model.extra_files():
-            if file.name == HF_CONFIG_NAME and out_dtype is not None:
-                _write_config_with_dtype(file, writer.path / file.name, cfg.dtype)
-            else:
-                shutil.copyfile(file, writer.path / file.name)
-        for number, (shard, name) in enumerate(zip(base_model.shards, shard_names, strict=True), start=1):
-            shard_started = time.perf_counter()
-            sizes, shard_dtypes = _merge_shard(base_model.path / shard, writer.path / name, plan, out_dtype)
-            dtypes |= shard_dtypes
-            for key, size in sizes.items():
-                weight_map[key] = name
-                total_size += size
-            updated = sum(1 for key in sizes if key in plan)
-            shard_bytes = (writer.path / name).stat().st_size
-            written += shard_bytes
-            log.info(
-                "merged shard %d/%d %s: %d tensors, %d changed, %.2f GB in %.1f s",
-                number,
-                len(shard_names),
-                name,
-                len(sizes),
-                updated,
-                shard_bytes / 1e9,
-                time.perf_counter() - shard_started,
-            )
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (writer.path / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        for name, file in policy.items():
-            shutil.copyfile(file, writer.path / name)
+        writer.add_file_input("base", base_model.path / HF_CONFIG_NAME)  # refuses an --out overlapping the base
+        with _recording_in_background(writer, "base", [base_model.path / shard for shard in base_model.shards]):
+            for file in base_model.extra_files():
+                if file.name == HF_CONFIG_NAME and out_dtype is not None:
+                    _write_config_with_dtype(file, writer.path / file.name, cfg.dtype)
+                else:
+                    shutil.copyfile(file, writer.path / file.name)
+            for number, name in enumerate(base_model.shards, start=1):
+                shard_started = time.perf_counter()
+                tensors = _merge_shard(base_model, name, buffer, writer.path / name, plan, out_dtype, pool)
+                for key, tensor in tensors.items():
+                    weight_map[key] = name
+                    total_size += tensor.numel() * tensor.element_size()
+                    dtypes.add(str(tensor.dtype).removeprefix("torch."))
+                changed = sum(1 for key in tensors if key in plan)
+                count = len(tensors)
+                del tensors
+                shard_bytes = (writer.path / name).stat().st_size
+                written += shard_bytes
+                log.info(
+                    "merged shard %d/%d %s: %d tensors, %d changed, %.2f GB in %.1f s",
+                    number,
+                    len(base_model.shards),
+                    name,
+                    count,
+                    changed,
+                    shard_bytes / 1e9,
+                    time.perf_counter() - shard_started,
+                )
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (writer.path / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            for name, file in policy.items():
+                shutil.copyfile(file, writer.path / name)
         adapters_detail = [s.describe() for s in sources]
         writer.details.update(
             {
@@ -460,17 +545,17 @@ def merge_lora(
                 "adapters": adapters_detail,
                 "dtype": cfg.dtype,
                 "dtypes": sorted(dtypes),
-                "shards": list(shard_names),
+                "shards": list(base_model.shards),
                 "updated_tensors": sum(1 for e in plan.values() if e.lefts or e.biases),
                 "replaced_tensors": sum(1 for e in plan.values() if e.replacement is not None),
                 "policy_files": sorted(policy),
             }
         )
-        if checkpoints:
-            details = checkpoints[0].artifact.manifest.details if checkpoints[0].artifact is not None else {}
+        if checkpoints and checkpoints[0].artifact is not None:
             writer.details["task_checkpoint"] = checkpoints[0].label
-            if "stats_fingerprint" in details:
-                writer.details["stats_fingerprint"] = details["stats_fingerprint"]
+            fingerprint = checkpoints[0].artifact.manifest.details.get("stats_fingerprint")
+            if fingerprint is not None:
+                writer.details["stats_fingerprint"] = fingerprint
     seconds = time.perf_counter() - started
     log.info("merged %d adapter(s) into %s in %.1f s", sum(len(s.stack) for s in sources), out, seconds)
     return MergeResult(
@@ -479,7 +564,7 @@ def merge_lora(
         base=base_model.path,
         adapters=tuple(adapters_detail),
         dtype=cfg.dtype if out_dtype is not None else ",".join(sorted(dtypes)),
-        shards=tuple(shard_names),
+        shards=base_model.shards,
         updated_tensors=writer.details["updated_tensors"],
         replaced_tensors=writer.details["replaced_tensors"],
         policy_files=tuple(sorted(policy)),

@@ -342,7 +342,9 @@ def read_settings(path: Path) -> LoraSettings:
     try:
         r = _positive_int(raw.get("r"), "r")
         alpha = float(raw.get("lora_alpha", r))
-        rank_pattern = {str(k): _positive_int(v, f"rank_pattern[{k!r}]") for k, v in (raw.get("rank_pattern") or {}).items()}
+        rank_pattern = {
+            str(k): _positive_int(v, f"rank_pattern[{k!r}]") for k, v in (raw.get("rank_pattern") or {}).items()
+        }
         alpha_pattern = {str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()}
         for pattern in (*rank_pattern, *alpha_pattern):
             re.compile(pattern)
@@ -404,7 +406,9 @@ def read_layout(path: Path | str, name: str | None = None) -> AdapterLayout:
                 shapes[key] = tuple(view.get_shape())
                 dtypes.add(view.get_dtype())
     except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
-        raise InputFormatError(f"{file} cannot be read ({exc}): the file is damaged or incomplete; save it again") from None
+        raise InputFormatError(
+            f"{file} cannot be read ({exc}): the file is damaged or incomplete; save it again"
+        ) from None
     factors: dict[str, dict[str, str]] = {}
     replacements: dict[str, tuple[str, tuple[int, ...]]] = {}
     for key in sorted(shapes):
@@ -475,7 +479,9 @@ def _module_layout(
         )
     bias_key = parts.get("lora_B.bias")
     if bias_key is not None and shapes[bias_key] != (b_shape[0],):
-        raise InputFormatError(f"{file}: module {module} has a LoRA bias of shape {shapes[bias_key]}, not ({b_shape[0]},)")
+        raise InputFormatError(
+            f"{file}: module {module} has a LoRA bias of shape {shapes[bias_key]}, not ({b_shape[0]},)"
+        )
     transposed = embedding or settings.fan_in_fan_out
     # Linear: delta (out, in) = B (out, r) @ A (r, in); transposed: delta = (B @ A).T, i.e. A.T @ B.T
     rows, cols = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
@@ -495,13 +501,22 @@ def _module_layout(
     )
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether no entry is NaN or Inf: their float64 sum is finite (no sum of finite floats reaches 1e308).
+
+    One pass and no temporary, many times faster than ``torch.isfinite(tensor).all()``.
+    """
+    import torch
+
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
+
+
 def load_adapter(layout: AdapterLayout) -> LoadedAdapter:
     """Read an adapter's tensors: the factors in fp32 and the base layout, the saved tensors as stored.
 
     Raises:
         InputFormatError: The file cannot be read, or a tensor holds NaN or Inf.
     """
-    import torch
     from safetensors import safe_open
 
     factors: dict[str, LoraFactors] = {}
@@ -514,7 +529,7 @@ def load_adapter(layout: AdapterLayout) -> LoadedAdapter:
                 b = fh.get_tensor(m.b_key).float()  # (out, r) or embedding (dim, r)
                 bias = fh.get_tensor(m.bias_key).float() if m.bias_key is not None else None
                 for key, tensor in ((m.a_key, a), (m.b_key, b), (m.bias_key, bias)):
-                    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                    if tensor is not None and not is_finite(tensor):
                         raise InputFormatError(f"{file}: {key} holds NaN or Inf: the adapter diverged in training")
                 if m.transposed:
                     factors[module] = LoraFactors(left=a.T.contiguous(), right=b.T.contiguous(), bias=bias)
@@ -522,11 +537,13 @@ def load_adapter(layout: AdapterLayout) -> LoadedAdapter:
                     factors[module] = LoraFactors(left=b, right=a, bias=bias)
             for target, (key, _) in layout.replacements.items():
                 tensor = fh.get_tensor(key)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if tensor.is_floating_point() and not is_finite(tensor):
                     raise InputFormatError(f"{file}: {key} holds NaN or Inf: the adapter diverged in training")
                 replacements[target] = tensor
     except InputFormatError:
         raise
     except Exception as exc:  # SafetensorError, OSError
-        raise InputFormatError(f"{file} cannot be read ({exc}): the file is damaged or incomplete; save it again") from None
+        raise InputFormatError(
+            f"{file} cannot be read ({exc}): the file is damaged or incomplete; save it again"
+        ) from None
     return LoadedAdapter(layout=layout, factors=factors, replacements=replacements)
