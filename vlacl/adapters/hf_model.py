@@ -180,15 +180,16 @@ def read_base_model(path: Path | str) -> BaseModel:
             raise
         except Exception as exc:  # safetensors raises SafetensorError; OSError
             raise InputFormatError(
-                f"base model shard {file} cannot be read ({exc}): the file is damaged or truncated; fetch the model again"
+                f"base model shard {file} cannot be read ({exc}): the file is damaged or truncated; "
+                "fetch the model again"
             ) from None
     if listed is not None:
         for key, shard in listed.items():
             info = tensors.get(key)
             if info is None or info.shard != shard:
                 raise InputFormatError(
-                    f"base model {index_file} puts {key} in {shard}, but that shard does not hold it: the index and the "
-                    "shards come from different saves; fetch the model again"
+                    f"base model {index_file} puts {key} in {shard}, but that shard does not hold it: the index "
+                    "and the shards come from different saves; fetch the model again"
                 )
     return BaseModel(path=path, config=config, shards=shards, tensors=tensors, sharded=listed is not None)
 

@@ -182,7 +182,8 @@ def build_plan(base: BaseModel, sources: Sequence[AdapterSource]) -> dict[str, _
                 if base.tensors[key].shape != (m.rows, m.cols):
                     raise _for_another_base(
                         label,
-                        f"its update of {module} has shape ({m.rows}, {m.cols}), but {key} is {base.tensors[key].shape}",
+                        f"its update of {module} has shape ({m.rows}, {m.cols}), "
+                        f"but {key} is {base.tensors[key].shape}",
                         base,
                     )
                 entry = plan.setdefault(key, _TensorPlan())
@@ -229,6 +230,7 @@ def add_low_rank(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
     rows, cols = weight.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     exact = weight.dtype == torch.float32
+    scratch: torch.Tensor | None = None
     if not exact:
         scratch = getattr(_scratch, "buffer", None)
         if scratch is None or scratch.numel() < step * cols:
@@ -236,7 +238,7 @@ def add_low_rank(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
     finite = True
     for start in range(0, rows, step):
         block = weight[start : start + step]  # (n, cols) view, n <= step
-        if exact:
+        if scratch is None:
             block.addmm_(left[start : start + step], right)
         else:
             acc = scratch[: block.numel()].view(block.shape)  # (n, cols) float32
@@ -259,7 +261,6 @@ def _apply(key: str, tensor: torch.Tensor, entry: _TensorPlan, target: torch.dty
     Raises:
         InputFormatError: The result holds NaN or Inf.
     """
-
     if entry.replacement is not None:
         tensor = entry.replacement.to(target, copy=True)
     elif target.itemsize > tensor.dtype.itemsize:

@@ -159,7 +159,7 @@ class LoraSettings:
 
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """The first pattern matching ``module`` as PEFT matches them (``(.*\\.)?(pattern)$``), else ``None``."""
+    """The first pattern matching ``module`` the way PEFT matches them (as a suffix on a dot), else ``None``."""
     for pattern in patterns:
         if re.match(rf"(.*\.)?({pattern})$", module):
             return pattern

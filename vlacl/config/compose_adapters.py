@@ -28,7 +28,8 @@ class ComposeAdaptersConfig:
     )
     weights: tuple[float, ...] = setting(
         (),
-        "One weight per adapter, comma-separated (e.g. 0.7,0.3); empty means 1 for every adapter. cat takes no weights.",
+        "One weight per adapter, comma-separated (e.g. 0.7,0.3); empty means 1 for every adapter. "
+        "cat takes no weights.",
         flag="--weights",
     )
     rank: int | None = setting(
