@@ -10,15 +10,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from tests.hdf5_factories import Hdf5Factory, actions_of
 from tests.lerobot_factories import EpisodeTruth, make_episodes, write_lerobot
 from vlacl.artifacts import open_artifact
 from vlacl.artifacts.names import KEYMAP_NAME, STATS_NAME
-from vlacl.cli.app import VlaclGroup, _main
-from vlacl.cli.ds_stats import ds_stats
+from vlacl.cli.app import app
 from vlacl.config.ds_stats import DsStatsConfig
 from vlacl.data import hdf5
 from vlacl.data import stats as core
@@ -27,10 +25,6 @@ from vlacl.data.normalize import Normalizer, check_stats_match, load_stats
 from vlacl.data.open import open_datasets
 
 STATE, ACTION = "observation.state", "action"
-
-app = typer.Typer(cls=VlaclGroup, pretty_exceptions_enable=False)
-app.callback()(_main)
-app.command("ds-stats")(ds_stats)
 
 
 @pytest.fixture

@@ -15,9 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from tests.hdf5_factories import Hdf5Factory, actions_of, garbage, replace, truncate
-from vlacl.cli.app import VlaclGroup
-from vlacl.cli.inspect_h5 import inspect_h5
-from vlacl.cli.logging_setup import configure_logging
+from vlacl.cli.app import app as vlacl_app
 from vlacl.config.inspect_h5 import InspectH5Config
 from vlacl.data import hdf5
 from vlacl.data.inspect_h5 import Finding, InspectH5Report, expand_paths, run_inspect_h5
@@ -35,16 +33,8 @@ def h5(tmp_path: Path) -> Iterator[Hdf5Factory]:
 
 @pytest.fixture
 def app() -> typer.Typer:
-    """A command group with vlacl's exception boundary and ``inspect-h5`` registered as the app will."""
-    group = typer.Typer(cls=VlaclGroup)
-
-    @group.callback()
-    def main() -> None:
-        """Log to this invocation's stderr, as the real app does."""
-        configure_logging(0, False)
-
-    group.command("inspect-h5")(inspect_h5)
-    return group
+    """The vlacl app, with its exception boundary and logging."""
+    return vlacl_app
 
 
 def _inspect(*paths: Path | str, **cfg: Any) -> InspectH5Report:
