@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from vlacl.artifacts.names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from vlacl.artifacts.writer import ArtifactWriter, check_output_dir
-from vlacl.config.compose_adapters import EXACT_METHODS, PRUNING_METHODS, ComposeAdaptersConfig
+from vlacl.config.compose_adapters import EXACT_METHODS, ComposeAdaptersConfig
 from vlacl.config.core import dump_config, invalid
 from vlacl.errors import InputFormatError
 
@@ -112,9 +112,9 @@ class ComposeResult:
             "out": str(self.out),
             "method": self.config.method,
             "weights": list(self.weights),
-            "density": self.config.density if self.config.method in PRUNING_METHODS else None,
-            "majority_sign": self.config.majority_sign if self.config.method in ("ties", "dare_ties") else None,
-            "seed": self.config.seed if self.config.method.startswith("dare") else None,
+            "density": self.config.density,
+            "majority_sign": self.config.majority_sign,
+            "seed": self.config.seed,
             "target_rank": self.target_rank,
             "exact": self.exact,
             "dtype": self.dtype,
