@@ -14,16 +14,25 @@ absent, every other numeric ``observation.*`` feature concatenated in name order
 bytes), stored as image files next to them, or in mp4 videos (decoded with PyAV, frames matched to
 their timestamps) all read as ``(T, H, W, C)`` uint8.
 
+Rows are checked against the metadata, so that a mismatch is an error rather than frames of another
+episode: when opening, the episodes placed in each v3.0 data file must fill its rows one after the
+other (from the file footers); when reading, a v2.1 file must hold its episode's length in rows, and
+the ``episode_index`` column of the rows read must name the episode.
+
 Objects hold paths and row ranges only; parquet files and video containers are opened when a frame
-is read, in the process that reads it, and small per-process caches keep recently read data files.
+is read, in the process that reads it, and small per-process caches keep recently read data files
+(keyed by path, process and the file's inode, size and modification time, so a rewritten file is
+read again).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlacl.data.episode import ColumnBatch, Episode, as_2d
+from vlacl.data.episode import ColumnBatch, Episode, as_2d, iter_columns_by_episode
 from vlacl.data.features import (
     ACTION,
     EPISODE_INDEX,
@@ -193,35 +202,51 @@ class LeRobotDataset:
         }
 
     def iter_columns(self, keys: Sequence[str], *, rows_per_batch: int = 65536) -> Iterator[ColumnBatch]:
-        """Numeric features file by file in row batches: the fast path of one-pass statistics."""
+        """Numeric features in episode order, file by file in row batches: the fast path of one-pass statistics.
+
+        Episodes whose rows are not in episode order across and within the data files are read episode by
+        episode instead, so that the frames still come in episode order.
+        """
         for key in keys:
+            if key not in self._features:
+                raise InputFormatError(
+                    f"{self._root} has no feature {key!r}; features: {', '.join(self._features)}: "
+                    "check the key map (--keymap)"
+                )
             if self._features[key].is_image:
                 raise ValueError(f"iter_columns reads numeric features only, not {key}")
         by_file: dict[str, list[_EpisodeMeta]] = {}
         for ep in self._episodes:
             by_file.setdefault(ep._meta.data_file, []).append(ep._meta)
+        in_order = [m for metas in by_file.values() for m in metas] == [e._meta for e in self._episodes]
+        if not in_order or any(_by_row(metas, in_order=True) is None for metas in by_file.values()):
+            yield from iter_columns_by_episode(self._episodes, keys, rows_per_batch=rows_per_batch)
+            return
         source_cols = sorted({c for k in keys for c in self._sources[k].keys})
         for rel, metas in by_file.items():
-            wanted = _row_mask(metas)
+            self._check_rows(rel, metas)
+            path = self._root / rel
+            check_episodes = EPISODE_INDEX in _column_names(path)
+            episode_of_row = _episode_rows(metas)
             task_of_row = _task_rows(metas)
-            _parquet_file(self._root / rel)  # a clear error for a missing or damaged file
+            columns_read = [*source_cols, EPISODE_INDEX] if check_episodes else source_cols
             # A fresh handle per pass, closed after it: a cached one would keep every buffer it read.
-            with pq.ParquetFile(self._root / rel) as pf:
-                offset = 0
-                for batch in pf.iter_batches(batch_size=rows_per_batch, columns=source_cols, use_threads=True):
-                    n = batch.num_rows
-                    rows = slice(offset, offset + n)
-                    offset += n
-                    keep = wanted[rows]
-                    if not keep.any():
-                        continue
-                    table = pa.Table.from_batches([batch])
-                    columns = {k: self._columns_to_numpy(table, k, rel) for k in keys}
-                    tasks = task_of_row[rows]
-                    if not keep.all():
-                        columns = {k: v[keep] for k, v in columns.items()}
-                        tasks = tasks[keep]
-                    yield ColumnBatch(columns, tasks)
+            try:
+                with pq.ParquetFile(path) as pf:
+                    offset = 0
+                    for batch in pf.iter_batches(batch_size=rows_per_batch, columns=columns_read, use_threads=True):
+                        n = batch.num_rows
+                        rows = slice(offset, offset + n)
+                        offset += n
+                        table = pa.Table.from_batches([batch])
+                        if check_episodes:
+                            where = f"{path}:{EPISODE_INDEX}"
+                            found = column_to_numpy(table.column(EPISODE_INDEX), where)
+                            self._check_episodes(found, episode_of_row[rows], rel, offset - n)
+                        columns = {k: self._columns_to_numpy(table, k, rel) for k in keys}
+                        yield ColumnBatch(columns, task_of_row[rows])
+            except (OSError, pa.ArrowException) as exc:
+                raise InputFormatError(f"cannot read {path} ({exc}): the file is damaged; re-export it") from exc
 
     def read_frames(self, meta: _EpisodeMeta, key: str, start: int, stop: int) -> np.ndarray:
         """Frames ``[start, stop)`` of ``key`` for one episode."""
@@ -231,19 +256,27 @@ class LeRobotDataset:
                 "check the key map (--keymap)"
             )
         source = self._sources[key]
+        feature = self._features[key]
         if source.storage == "video":
             file, t0 = meta.videos[source.keys[0]]
             stamps = t0 + np.arange(start, stop) / self._require_fps()
             frames = decode_video_frames(self._root / file, stamps, fps=self._require_fps())
-            return _maybe_flip(frames, self._keymap)
-        table = _read_table(self._root / meta.data_file, source.keys)
+            return _maybe_flip(_check_frames(frames, feature, self._root / file), self._keymap)
+        if self.version == V21:
+            self._check_rows(meta.data_file, [meta])
+        path = self._root / meta.data_file
+        stamp = _stamp(path)
+        episodes = _episode_column_cached(str(path), os.getpid(), stamp)
+        if episodes is not None and stop > start:
+            found = episodes[meta.row_offset + start : meta.row_offset + stop]
+            self._check_episodes(found, np.full(stop - start, meta.index), meta.data_file, meta.row_offset + start)
+        table = _read_table(path, source.keys, stamp)
         table = table.slice(meta.row_offset + start, stop - start)
         if source.storage == "image":
-            frames = _decode_images(table.column(source.keys[0]), self._root, meta.data_file)
-            return _maybe_flip(frames, self._keymap)
+            frames = _decode_images(table.column(source.keys[0]), self._root, meta.data_file, feature.shape[-1])
+            return _maybe_flip(_check_frames(frames, feature, path), self._keymap)
         values = self._columns_to_numpy(table, key, meta.data_file)
-        shape = self._features[key].shape
-        return values.reshape(len(values), *shape) if shape != values.shape[1:] else values
+        return values.reshape(len(values), *feature.shape)
 
     def _require_fps(self) -> float:
         if not self._fps:
@@ -252,6 +285,7 @@ class LeRobotDataset:
 
     def _columns_to_numpy(self, table: pa.Table, key: str, rel: str) -> np.ndarray:
         source = self._sources[key]
+        feature = self._features[key]
         parts = []
         for col in source.keys:
             if col not in table.column_names:
@@ -261,13 +295,64 @@ class LeRobotDataset:
                 )
             parts.append(as_2d(column_to_numpy(table.column(col), f"{self._root / rel}:{col}")))
         values = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)  # (N, D)
-        dtype = np.dtype(self._features[key].dtype)
-        return values.astype(dtype, copy=False)
+        width = math.prod(feature.shape)
+        if values.shape[1] != width:
+            raise InputFormatError(
+                f"{self._root / rel}: column(s) {', '.join(source.keys)} hold {values.shape[1]} values per frame, but "
+                f"meta/info.json declares {width} for {key}: fix the shapes in meta/info.json, or re-export the dataset"
+            )
+        dtype = np.dtype(feature.dtype)
+        if dtype.kind not in "iu" or np.can_cast(values.dtype, dtype):
+            return values.astype(dtype, copy=False)
+        with np.errstate(invalid="ignore", over="ignore"):
+            cast = values.astype(dtype)
+        if not np.array_equal(cast, values):
+            raise InputFormatError(
+                f"{self._root / rel}: column(s) {', '.join(source.keys)} hold {values.dtype} values that "
+                f"{feature.dtype}, the dtype meta/info.json declares for {key}, cannot hold: fix the dtype in "
+                "meta/info.json"
+            )
+        return cast
+
+    def _check_rows(self, rel: str, metas: Sequence[_EpisodeMeta]) -> None:
+        """The episodes placed in data file ``rel`` must fill its rows exactly (its footer only)."""
+        rows = _parquet_file(self._root / rel).metadata.num_rows
+        listed = sum(m.length for m in metas)
+        if _by_row(metas, in_order=False) is not None and listed == rows:
+            return
+        episodes = ", ".join(f"{m.index} at rows [{m.row_offset}, {m.row_offset + m.length})" for m in metas[:8])
+        raise InputFormatError(
+            f"{self._root / rel} holds {rows} rows, but the episode metadata places {listed} frames in it "
+            f"(episode {episodes}{', ...' if len(metas) > 8 else ''}): the metadata does not match the data "
+            "(a file of meta/ missing or stale, or wrong lengths or dataset_from_index); re-export or re-download "
+            "the dataset"
+        )
+
+    def _check_episodes(self, found: np.ndarray, expected: np.ndarray, rel: str, first_row: int) -> None:
+        """The ``episode_index`` values of rows from ``first_row`` on must name the episodes the metadata puts there."""
+        if found.shape != expected.shape:
+            raise InputFormatError(
+                f"{self._root / rel}:{EPISODE_INDEX} is not one episode index per row: the file is damaged; "
+                "re-export it"
+            )
+        if len(wrong := np.flatnonzero(found != expected)):
+            i = int(wrong[0])
+            raise InputFormatError(
+                f"row {first_row + i} of {self._root / rel} belongs to episode {found[i]}, but the episode metadata "
+                f"puts episode {expected[i]} there: dataset_from_index or the rows' order disagree with meta/; "
+                "re-export the dataset"
+            )
 
     def _check_data_columns(self) -> None:
-        """Every numeric and embedded-image column must be in the data files (their footers only)."""
+        """Every numeric and embedded-image column must be in the data files, their rows filled by the episodes.
+
+        Footers only. v3.0 files are all checked; v2.1's per-episode files only the first (the rest when read).
+        """
         needed = {c for s in self._sources.values() if s.storage != "video" for c in s.keys}
-        files = sorted({e._meta.data_file for e in self._episodes})
+        by_file: dict[str, list[_EpisodeMeta]] = {}
+        for e in self._episodes:
+            by_file.setdefault(e._meta.data_file, []).append(e._meta)
+        files = sorted(by_file)
         if self.version == V21:
             files = files[:1]  # thousands of per-episode files: check one here, the rest when read
         for rel in files:
@@ -277,6 +362,7 @@ class LeRobotDataset:
                     f"{self._root / rel} lacks column(s) {', '.join(missing)} that meta/info.json declares: "
                     "the dataset is incomplete; re-export it, or leave the feature out with a key map"
                 )
+            self._check_rows(rel, by_file[rel])
 
 
 def open_lerobot(root: Path, keymap: KeyMap) -> LeRobotDataset:
@@ -285,24 +371,32 @@ def open_lerobot(root: Path, keymap: KeyMap) -> LeRobotDataset:
 
 
 def column_to_numpy(column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
-    """A parquet column of scalars, fixed-size lists or equal-length lists as ``(N,)`` or ``(N, D)``."""
+    """A parquet column of scalars, or of (nested) lists of equal length, as ``(N,)`` or ``(N, D)``."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if arr.null_count:
-        raise InputFormatError(f"{where} has {arr.null_count} missing values: fill or drop those frames")
-    typ = arr.type
-    if pa.types.is_fixed_size_list(typ):
-        width = typ.list_size
-        return np.asarray(arr.flatten().to_numpy(zero_copy_only=False)).reshape(len(arr), width)  # (N, D)
-    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
-        offsets = np.asarray(arr.offsets.to_numpy())
-        widths = np.diff(offsets)
-        if len(widths) and (widths != widths[0]).any():
-            raise InputFormatError(f"{where} holds lists of different lengths; every frame must have the same width")
-        width = int(widths[0]) if len(widths) else 0
-        return np.asarray(arr.flatten().to_numpy(zero_copy_only=False)).reshape(len(arr), width)  # (N, D)
-    if pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ):
-        return np.asarray(arr.to_numpy(zero_copy_only=False))
-    raise InputFormatError(f"{where} has type {typ}, not numbers or lists of numbers")
+    values = arr
+    width = 1
+    listed = False
+    while True:
+        if values.null_count:
+            raise InputFormatError(f"{where} has {values.null_count} missing values: fill or drop those frames")
+        typ = values.type
+        if pa.types.is_fixed_size_list(typ):
+            width *= typ.list_size
+        elif pa.types.is_list(typ) or pa.types.is_large_list(typ):
+            widths = np.diff(np.asarray(values.offsets.to_numpy()))
+            if len(widths) and (widths != widths[0]).any():
+                raise InputFormatError(
+                    f"{where} holds lists of different lengths; every frame must have the same width"
+                )
+            width *= int(widths[0]) if len(widths) else 0
+        else:
+            break
+        listed = True
+        values = values.flatten()
+    if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
+        raise InputFormatError(f"{where} has type {arr.type}, not numbers or lists of numbers")
+    out = np.asarray(values.to_numpy(zero_copy_only=False))
+    return out.reshape(len(arr), width) if listed else out  # (N, D) or (N,)
 
 
 def decode_video_frames(path: Path, timestamps: np.ndarray, *, fps: float) -> np.ndarray:
@@ -315,10 +409,14 @@ def decode_video_frames(path: Path, timestamps: np.ndarray, *, fps: float) -> np
 
     if not path.is_file():
         raise InputFormatError(f"video {path} is missing: the dataset is incomplete")
+    if len(timestamps) == 0:
+        return np.zeros((0, 0, 0, 3), dtype=np.uint8)
     tolerance = 0.5 / fps
     out: list[np.ndarray | None] = [None] * len(timestamps)
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputFormatError(f"{path} holds no video stream: re-encode the episode's video")
             stream = container.streams.video[0]
             base = stream.time_base
             first = float(timestamps.min()) if len(timestamps) else 0.0
@@ -352,9 +450,9 @@ def _read_info(root: Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFormatError(f"cannot read {path}: {exc}") from exc
+        raise InputFormatError(f"cannot read {path}: {exc}; fix it, or re-download the dataset's meta/") from exc
     if not isinstance(info, dict):
-        raise InputFormatError(f"{path} is not a JSON object")
+        raise InputFormatError(f"{path} is not a JSON object; fix it, or re-download the dataset's meta/")
     version = info.get("codebase_version")
     if version not in SUPPORTED_VERSIONS:
         raise InputFormatError(
@@ -366,7 +464,53 @@ def _read_info(root: Path) -> dict[str, Any]:
             raise InputFormatError(f"{path} lacks {key!r}, which every LeRobot {version} dataset has")
     if not isinstance(info["features"], dict):
         raise InputFormatError(f"{path}: 'features' must be an object of feature name -> description")
+    for name, spec in info["features"].items():
+        if not isinstance(spec, dict):
+            raise InputFormatError(
+                f"{path}: feature {name!r} is {spec!r}, not an object with dtype and shape: fix meta/info.json"
+            )
+    for key, required in (("data_path", True), ("video_path", False)):
+        value = info.get(key)
+        if not isinstance(value, str) and (required or value is not None):
+            raise InputFormatError(f"{path}: {key!r} is {value!r}, not a path template: fix meta/info.json")
+    fps = info.get("fps")
+    if fps is not None and not (_is_number(fps) and math.isfinite(fps) and fps > 0):
+        raise InputFormatError(f"{path}: 'fps' is {fps!r}, not a positive number: fix meta/info.json")
+    chunks = info.get("chunks_size")
+    if chunks is not None and not (_is_int(chunks) and chunks > 0):
+        raise InputFormatError(f"{path}: 'chunks_size' is {chunks!r}, not a positive integer: fix meta/info.json")
     return info
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return _is_number(value) and float(value).is_integer()
+
+
+def _whole(value: Any, what: str, where: str) -> int:
+    """A non-negative integer field of the metadata, or a clear error naming it."""
+    if not (_is_int(value) and value >= 0):
+        raise InputFormatError(
+            f"{where}: {what} is {value!r}, not a non-negative integer: the metadata is damaged; re-export the dataset"
+        )
+    return int(value)
+
+
+def _dtype_of(spec: Mapping[str, Any]) -> str | None:
+    dtype = spec.get("dtype")
+    return dtype if isinstance(dtype, str) else None
+
+
+def _shape_of(spec: Mapping[str, Any], key: str, where: Path, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = spec.get("shape")
+    if raw is None:
+        return default
+    if not isinstance(raw, list | tuple) or not all(_is_int(x) and x > 0 for x in raw):
+        raise InputFormatError(f"{where}: {key!r} has shape {raw!r}, not a list of positive sizes: fix meta/info.json")
+    return tuple(int(x) for x in raw) or default
 
 
 def _read_tasks(root: Path, version: str) -> dict[int, str]:
@@ -381,12 +525,18 @@ def _read_tasks(root: Path, version: str) -> dict[int, str]:
             raise InputFormatError(f"{path} has no task column (nor a task index)")
         indices = table.column(TASK_INDEX).to_pylist()
         texts = table.column(text_col).to_pylist()
-        return {int(i): str(t) for i, t in zip(indices, texts, strict=True)}
-    rows = _read_jsonl(root / "meta" / "tasks.jsonl")
-    try:
-        return {int(r["task_index"]): str(r["task"]) for r in rows}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputFormatError(f"{root / 'meta/tasks.jsonl'}: every line needs task_index and task ({exc})") from exc
+        pairs = list(zip(indices, texts, strict=True))
+    else:
+        path = root / "meta" / "tasks.jsonl"
+        pairs = [(r.get("task_index"), r.get("task")) for r in _read_jsonl(path)]
+    out: dict[int, str] = {}
+    for n, (index, text) in enumerate(pairs):
+        if not isinstance(text, str):
+            raise InputFormatError(
+                f"{path} (task {n}): the task is {text!r}, not a text; every task needs task_index and task"
+            )
+        out[_whole(index, "task_index", f"{path} (task {text!r})")] = text
+    return out
 
 
 def _resolve_features(
@@ -407,9 +557,10 @@ def _resolve_features(
         dtypes = set()
         for k in keys:
             s = spec(k)
-            if s.get("dtype") not in NUMERIC_DTYPES:
-                raise InputFormatError(f"{where}: {k!r} has dtype {s.get('dtype')!r}, not a number type")
-            shape = tuple(int(x) for x in s.get("shape") or (1,))
+            if _dtype_of(s) not in NUMERIC_DTYPES:
+                known = ", ".join(sorted(NUMERIC_DTYPES))
+                raise InputFormatError(f"{where}: {k!r} has dtype {s.get('dtype')!r}, not a number type ({known})")
+            shape = _shape_of(s, k, where, (1,))
             size = int(np.prod(shape))
             width += size
             dtypes.add(s["dtype"])
@@ -432,7 +583,7 @@ def _resolve_features(
             sorted(
                 k
                 for k, s in lerobot.items()
-                if k.startswith("observation.") and s.get("dtype") in NUMERIC_DTYPES and not k.startswith(IMAGE_PREFIX)
+                if k.startswith("observation.") and _dtype_of(s) in NUMERIC_DTYPES and not k.startswith(IMAGE_PREFIX)
             )
         )
     if state_keys:
@@ -449,16 +600,16 @@ def _resolve_features(
     else:
         cameras = {}
         for k, s in lerobot.items():
-            if s.get("dtype") in VISUAL_DTYPES:
+            if _dtype_of(s) in VISUAL_DTYPES:
                 cam = k[len(IMAGE_PREFIX) :] if k.startswith(IMAGE_PREFIX) else k.rsplit(".", 1)[-1]
                 cameras[cam] = k
     for cam, k in cameras.items():
         s = spec(k)
-        if s.get("dtype") not in VISUAL_DTYPES:
+        if _dtype_of(s) not in VISUAL_DTYPES:
             raise InputFormatError(
                 f"{where}: camera {cam!r} maps to {k!r} of dtype {s.get('dtype')!r}, not image/video"
             )
-        shape = tuple(int(x) for x in s.get("shape") or ())
+        shape = _shape_of(s, k, where, ())
         if len(shape) != 3:
             raise InputFormatError(f"{where}: {k!r} has shape {list(shape)}, expected [height, width, channels]")
         if shape[0] in (1, 3) and shape[2] not in (1, 3):
@@ -466,6 +617,10 @@ def _resolve_features(
         sources[image_key(cam)] = _Source((k,), "video" if s["dtype"] == "video" else "image")
         features[image_key(cam)] = Feature(image_key(cam), "uint8", shape)
     for canonical, k in (keymap.extra or {}).items():
+        if canonical in (STATE, ACTION, *features, *META_KEYS) or canonical.startswith(IMAGE_PREFIX):
+            raise InputFormatError(
+                f"key map extra name {canonical!r} is a canonical feature name: choose another name for {k!r}"
+            )
         dtype, shape, names = vector((k,))
         sources[canonical] = _Source((k,), "column")
         features[canonical] = Feature(canonical, dtype, shape, names)
@@ -496,14 +651,20 @@ def _read_episodes_v3(ds: LeRobotDataset) -> list[_EpisodeMeta]:
         table = _read_meta_parquet(f)
         if missing := [c for c in wanted if c not in table.column_names]:
             raise InputFormatError(f"{f} lacks column(s) {', '.join(missing)} of LeRobot v3.0 episode metadata")
-        rows.extend(table.select(wanted).to_pylist())
-    rows.sort(key=lambda r: int(r["episode_index"]))
+        for n, r in enumerate(table.select(wanted).to_pylist()):
+            where = f"{f} row {n}"
+            for c in ("episode_index", "length", "dataset_from_index"):
+                r[c] = _whole(r[c], c, where)
+            r["where"] = where
+            rows.append(r)
+    rows.sort(key=lambda r: r["episode_index"])
+    _check_unique(rows, meta_dir)
     data_tmpl: str = ds.info["data_path"]
     video_tmpl: str | None = ds.info.get("video_path")
     file_start: dict[str, int] = {}
     for r in rows:
         rel = _format_path(data_tmpl, ds, chunk_index=r["data/chunk_index"], file_index=r["data/file_index"])
-        file_start[rel] = min(file_start.get(rel, int(r["dataset_from_index"])), int(r["dataset_from_index"]))
+        file_start[rel] = min(file_start.get(rel, r["dataset_from_index"]), r["dataset_from_index"])
     metas = []
     for r in rows:
         rel = _format_path(data_tmpl, ds, chunk_index=r["data/chunk_index"], file_index=r["data/file_index"])
@@ -518,34 +679,52 @@ def _read_episodes_v3(ds: LeRobotDataset) -> list[_EpisodeMeta]:
                 chunk_index=r[f"videos/{vk}/chunk_index"],
                 file_index=r[f"videos/{vk}/file_index"],
             )
-            videos[vk] = (vrel, float(r[f"videos/{vk}/from_timestamp"]))
-        task_index, text = _episode_task(ds, r.get("tasks"), int(r["episode_index"]))
+            t0 = r[f"videos/{vk}/from_timestamp"]
+            if not (_is_number(t0) and math.isfinite(t0) and t0 >= 0):
+                raise InputFormatError(
+                    f"{r['where']}: videos/{vk}/from_timestamp is {t0!r}, not a time in seconds: the metadata is "
+                    "damaged; re-export the dataset"
+                )
+            videos[vk] = (vrel, float(t0))
+        task_index, text = _episode_task(ds, r.get("tasks"), r["episode_index"])
         metas.append(
             _EpisodeMeta(
-                index=int(r["episode_index"]),
-                length=int(r["length"]),
+                index=r["episode_index"],
+                length=r["length"],
                 task_index=task_index,
                 instruction=text,
                 data_file=rel,
-                row_offset=int(r["dataset_from_index"]) - file_start[rel],
+                row_offset=r["dataset_from_index"] - file_start[rel],
                 videos=videos,
             )
         )
     return metas
 
 
+def _check_unique(rows: Sequence[Mapping[str, Any]], where: Path) -> None:
+    """Refuse an episode listed twice (rows sorted by episode_index)."""
+    for a, b in itertools.pairwise(rows):
+        if a["episode_index"] == b["episode_index"]:
+            raise InputFormatError(
+                f"{where} lists episode {a['episode_index']} twice: the metadata is damaged; re-export the dataset"
+            )
+
+
 def _read_episodes_v21(ds: LeRobotDataset) -> list[_EpisodeMeta]:
-    rows = _read_jsonl(ds.root / "meta" / "episodes.jsonl")
+    path = ds.root / "meta" / "episodes.jsonl"
+    rows = _read_jsonl(path)
+    for n, r in enumerate(rows, 1):
+        for c in ("episode_index", "length"):
+            r[c] = _whole(r.get(c), c, f"{path}:{n}")
+    rows.sort(key=lambda r: r["episode_index"])
+    _check_unique(rows, path)
     chunks_size = int(ds.info.get("chunks_size") or 1000)
     data_tmpl: str = ds.info["data_path"]
     video_tmpl: str | None = ds.info.get("video_path")
     video_keys = [k for k, s in ds._lerobot_features.items() if s.get("dtype") == "video"]
     metas = []
-    for r in sorted(rows, key=lambda r: int(r.get("episode_index", -1))):
-        try:
-            index, length = int(r["episode_index"]), int(r["length"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputFormatError(f"{ds.root / 'meta/episodes.jsonl'}: a line lacks episode_index or length") from exc
+    for r in rows:
+        index, length = r["episode_index"], r["length"]
         chunk = index // chunks_size
         rel = _format_path(data_tmpl, ds, episode_chunk=chunk, episode_index=index)
         videos = {}
@@ -563,7 +742,7 @@ def _episode_task(ds: LeRobotDataset, tasks: Any, episode: int) -> tuple[int, st
         return 0, ""
     by_text = {t: i for i, t in ds.task_table.items()}
     first = tasks[0] if isinstance(tasks, list) and tasks else None
-    if first is None or first not in by_text:
+    if not isinstance(first, str) or first not in by_text:
         raise InputFormatError(
             f"episode {episode} of {ds.root} names task {first!r}, which the task table does not list: "
             "the dataset's metadata is inconsistent"
@@ -572,9 +751,15 @@ def _episode_task(ds: LeRobotDataset, tasks: Any, episode: int) -> tuple[int, st
 
 
 def _format_path(template: str, ds: LeRobotDataset, **fields: Any) -> str:
+    for name, value in fields.items():
+        if name != "video_key" and not (_is_int(value) and value >= 0):
+            raise InputFormatError(
+                f"{ds.root / 'meta'}: an episode's {name} is {value!r}, not a non-negative integer: the metadata is "
+                "damaged; re-export the dataset"
+            )
     try:
         return template.format(**{k: int(v) if k != "video_key" else v for k, v in fields.items()})
-    except (KeyError, ValueError, TypeError, IndexError) as exc:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
         raise InputFormatError(
             f"{ds.root / 'meta/info.json'}: path template {template!r} does not fit LeRobot {ds.version} ({exc})"
         ) from exc
@@ -586,14 +771,14 @@ def _read_meta_parquet(path: Path) -> pa.Table:
     except FileNotFoundError as exc:
         raise InputFormatError(f"{path} is missing: the dataset's metadata is incomplete") from exc
     except (OSError, pa.ArrowException) as exc:
-        raise InputFormatError(f"cannot read {path}: {exc}") from exc
+        raise InputFormatError(f"cannot read {path} ({exc}): the file is damaged; re-download or re-export it") from exc
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise InputFormatError(f"cannot read {path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFormatError(f"cannot read {path}: {exc}; re-download or re-export the dataset's meta/") from exc
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -601,27 +786,35 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputFormatError(f"{path}:{n} is not JSON: {exc}") from exc
+            raise InputFormatError(f"{path}:{n} is not JSON ({exc}): fix the line, or re-export the dataset") from exc
         if not isinstance(row, dict):
-            raise InputFormatError(f"{path}:{n} is not a JSON object")
+            raise InputFormatError(f"{path}:{n} is {row!r}, not a JSON object: fix the line, or re-export the dataset")
         rows.append(row)
     return rows
 
 
-def _row_mask(metas: Sequence[_EpisodeMeta]) -> np.ndarray:
-    end = max(m.row_offset + m.length for m in metas)
-    mask = np.zeros(end, dtype=bool)
-    for m in metas:
-        mask[m.row_offset : m.row_offset + m.length] = True
-    return mask
+def _by_row(metas: Sequence[_EpisodeMeta], *, in_order: bool) -> list[_EpisodeMeta] | None:
+    """The episodes of one file by row, or ``None`` when their rows do not follow one another from row 0.
+
+    With ``in_order``, also ``None`` unless ``metas`` are in row order already.
+    """
+    by_row = sorted(metas, key=lambda m: m.row_offset)
+    if in_order and by_row != list(metas):
+        return None
+    end = 0
+    for m in by_row:
+        if m.row_offset != end:
+            return None
+        end += m.length
+    return by_row
+
+
+def _episode_rows(metas: Sequence[_EpisodeMeta]) -> np.ndarray:
+    return np.concatenate([np.full(m.length, m.index, dtype=np.int64) for m in metas]) if metas else np.zeros(0)
 
 
 def _task_rows(metas: Sequence[_EpisodeMeta]) -> np.ndarray:
-    end = max(m.row_offset + m.length for m in metas)
-    tasks = np.full(end, -1, dtype=np.int64)
-    for m in metas:
-        tasks[m.row_offset : m.row_offset + m.length] = m.task_index
-    return tasks
+    return np.concatenate([np.full(m.length, m.task_index, dtype=np.int64) for m in metas]) if metas else np.zeros(0)
 
 
 def _size(path: Path) -> int:
@@ -631,14 +824,25 @@ def _size(path: Path) -> int:
         return -1
 
 
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What tells a rewritten file from the one cached: inode, size and modification time."""
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise InputFormatError(f"data file {path} is missing: the dataset is incomplete") from exc
+    except OSError as exc:
+        raise InputFormatError(f"cannot read {path} ({exc}): check its permissions") from exc
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=64)
-def _parquet_file_cached(path: str, pid: int) -> pq.ParquetFile:
+def _parquet_file_cached(path: str, pid: int, stamp: tuple[int, int, int]) -> pq.ParquetFile:
     return pq.ParquetFile(path)
 
 
 def _parquet_file(path: Path) -> pq.ParquetFile:
     try:
-        return _parquet_file_cached(str(path), os.getpid())
+        return _parquet_file_cached(str(path), os.getpid(), _stamp(path))
     except FileNotFoundError as exc:
         raise InputFormatError(f"data file {path} is missing: the dataset is incomplete") from exc
     except (OSError, pa.ArrowException) as exc:
@@ -646,38 +850,79 @@ def _parquet_file(path: Path) -> pq.ParquetFile:
 
 
 @functools.lru_cache(maxsize=DATA_CACHE_FILES * 4)
-def _read_table_cached(path: str, columns: tuple[str, ...], pid: int) -> pa.Table:
+def _read_table_cached(path: str, columns: tuple[str, ...], pid: int, stamp: tuple[int, int, int]) -> pa.Table:
     return _parquet_file(Path(path)).read(columns=list(columns), use_threads=False)
 
 
-def _read_table(path: Path, columns: Sequence[str]) -> pa.Table:
+@functools.lru_cache(maxsize=64)
+def _column_names_cached(path: str, pid: int, stamp: tuple[int, int, int]) -> frozenset[str]:
+    return frozenset(_parquet_file(Path(path)).schema_arrow.names)
+
+
+def _column_names(path: Path) -> frozenset[str]:
+    """The columns of a data file, from its footer."""
+    return _column_names_cached(str(path), os.getpid(), _stamp(path))
+
+
+@functools.lru_cache(maxsize=DATA_CACHE_FILES)
+def _episode_column_cached(path: str, pid: int, stamp: tuple[int, int, int]) -> np.ndarray | None:
+    """The ``episode_index`` of every row of a data file (``None`` when it has none), to check rows against meta/."""
+    if EPISODE_INDEX not in _column_names(Path(path)):
+        return None
+    try:  # read apart from _read_table, whose few slots hold the data columns
+        table = _parquet_file(Path(path)).read(columns=[EPISODE_INDEX], use_threads=False)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputFormatError(f"cannot read {path} ({exc}): the file is damaged; re-export it") from exc
+    return column_to_numpy(table.column(EPISODE_INDEX), f"{path}:{EPISODE_INDEX}")
+
+
+def _read_table(path: Path, columns: Sequence[str], stamp: tuple[int, int, int] | None = None) -> pa.Table:
     try:
-        return _read_table_cached(str(path), tuple(columns), os.getpid())
+        return _read_table_cached(str(path), tuple(columns), os.getpid(), stamp or _stamp(path))
     except (KeyError, pa.ArrowInvalid) as exc:
         raise InputFormatError(f"{path} lacks column(s) {', '.join(columns)}: {exc}") from exc
     except (OSError, pa.ArrowException) as exc:
         raise InputFormatError(f"cannot read {path} ({exc}): the file is damaged; re-export it") from exc
 
 
-def _decode_images(column: pa.ChunkedArray, root: Path, rel: str) -> np.ndarray:
-    """LeRobot ``image`` features: a struct {bytes, path} per frame, PNG/JPEG bytes or a file path."""
+def _decode_images(column: pa.ChunkedArray, root: Path, rel: str, channels: int) -> np.ndarray:
+    """LeRobot ``image`` features: a struct {bytes, path} per frame, PNG/JPEG bytes or a file path.
+
+    Frames decode as RGB, or as grey levels for a feature of one channel: ``(T, H, W, channels)``.
+    """
     from PIL import Image
 
     frames = []
     for i, item in enumerate(column.to_pylist()):
         where = f"{root / rel} row {i}"
         data = item.get("bytes") if isinstance(item, dict) else item if isinstance(item, bytes) else None
+        path = item.get("path") if isinstance(item, dict) else None
         try:
-            if data:
+            if data and isinstance(data, bytes):
                 image = Image.open(io.BytesIO(data))
-            elif isinstance(item, dict) and item.get("path"):
-                image = Image.open(root / item["path"])
+            elif path and isinstance(path, str):
+                image = Image.open(root / path)
             else:
-                raise InputFormatError(f"{where}: an image frame with neither bytes nor a path")
-            frames.append(np.asarray(image.convert("RGB")))  # (H, W, 3)
-        except OSError as exc:
-            raise InputFormatError(f"{where}: cannot decode the image ({exc})") from exc
-    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+                raise InputFormatError(f"{where}: an image frame with neither bytes nor a path; re-export the dataset")
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"))  # (H, W) or (H, W, 3)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise InputFormatError(f"{where}: cannot decode the image ({exc}); re-export the dataset") from exc
+        frames.append(pixels[..., None] if pixels.ndim == 2 else pixels)  # (H, W, C)
+        if frames[-1].shape != frames[0].shape:
+            raise InputFormatError(f"{where}: a frame of {frames[-1].shape}, other frames are {frames[0].shape}")
+    return np.stack(frames) if frames else np.zeros((0, 0, 0, channels), dtype=np.uint8)
+
+
+def _check_frames(frames: np.ndarray, feature: Feature, where: Path) -> np.ndarray:
+    """Decoded ``(T, H, W, C)`` frames as the feature declares them; ``(0, H, W, C)`` when there are none."""
+    if len(frames) == 0:
+        return np.zeros((0, *feature.shape), dtype=np.uint8)
+    if frames.shape[1:] != feature.shape:
+        raise InputFormatError(
+            f"{where}: frames of {feature.key} decode as {list(frames.shape[1:])}, but meta/info.json declares "
+            f"{list(feature.shape)}: fix the shape in meta/info.json, or re-export the dataset"
+        )
+    return frames
 
 
 def _maybe_flip(frames: np.ndarray, keymap: KeyMap) -> np.ndarray:
