@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from vlacl.artifacts import open_artifact
 from vlacl.artifacts.names import KEYMAP_NAME, STATS_NAME
 from vlacl.cli.app import app
 from vlacl.config.ds_stats import DsStatsConfig
+from vlacl.config.inspect_h5 import InspectH5Config
 from vlacl.data import hdf5
 from vlacl.data import stats as core
 from vlacl.data.keymap import load_keymap
@@ -265,3 +267,12 @@ def test_progress_bar_on_a_terminal_takes_both_phases(monkeypatch: pytest.Monkey
         progress("frames", 10, 100)
         progress("frames", 100, 100)
         progress("images", 3, 3)
+
+
+@pytest.mark.parametrize(("command", "cls"), [("ds-stats", DsStatsConfig), ("inspect-h5", InspectH5Config)])
+def test_every_flag_a_setting_names_is_an_option_of_the_command(runner: CliRunner, command: str, cls: type) -> None:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for fld in dataclasses.fields(cls):
+        for flag in (fld.metadata.get("flag") or "").split("/"):
+            assert flag in result.stdout, f"{fld.name} names {flag}, which `vlacl {command}` lacks"

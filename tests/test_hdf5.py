@@ -294,6 +294,25 @@ def test_dataloader_workers_open_their_own_handles(h5: Hdf5Factory, context: str
     np.testing.assert_array_equal(got, want)
 
 
+def _read_action(ep: Episode) -> None:
+    ep.read(ACTION)
+
+
+def test_a_child_forked_while_the_parent_is_inside_the_handle_cache_still_reads(h5: Hdf5Factory) -> None:
+    import multiprocessing
+
+    ep = _open(h5.robomimic(lengths=(6, 5))).episodes[0]
+    ep.read(ACTION)
+    with hdf5._HANDLES_LOCK:  # another thread of the parent is opening a file when a DataLoader forks its workers
+        child = multiprocessing.get_context("fork").Process(target=_read_action, args=(ep,))
+        child.start()
+    child.join(timeout=10)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, "the forked child hung on the lock it inherited"
+
+
 def test_cached_handle_reopens_when_the_file_changes(h5: Hdf5Factory) -> None:
     path = h5.flat(length=6)
     ep = _open(path).episodes[0]

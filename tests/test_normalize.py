@@ -254,6 +254,32 @@ def test_load_stats_refuses_a_newer_version_and_edited_files(tmp_path: Path) -> 
         load_stats(tmp_path / "edited.json")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("datasets", "ds"), ("datasets", ["ds"]), ("features", [1, 2]), ("features", {ACTION: 3}), ("settings", [])],
+)
+def test_load_stats_refuses_a_file_of_the_wrong_structure(tmp_path: Path, field: str, value: Any) -> None:
+    data = {**compute_stats([small_dataset()], DsStatsConfig(image_frames=0)), field: value}
+    (tmp_path / "stats.json").write_text(json.dumps(data))
+    with pytest.raises(InputFormatError, match=rf"stats.json: {field!r} is .*recreate it with `vlacl ds-stats`"):
+        load_stats(tmp_path / "stats.json")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"q01": "low"}, r"'q01' of action is 'low', not numbers"),
+        ({"mask": [True, False]}, r"'mask' of action has 2 values, 'q01' 4"),
+        ({"q99": [1.0, 2.0]}, r"'q99' of action has 2 values, 'q01' 4"),
+        ({"std": [[1.0], [2.0]]}, r"'std' of action has 2 values, 'mean' 4"),
+    ],
+)
+def test_malformed_feature_stats_are_one_clear_error(values: dict[str, Any], message: str) -> None:
+    mode = "mean_std" if "std" in values else "q99"
+    with pytest.raises(InputFormatError, match=message + r".*recompute the stats with `vlacl ds-stats`"):
+        normalizer(mode, **values)
+
+
 def test_fingerprint_is_recomputable_from_the_file() -> None:
     data = compute_stats([small_dataset()], DsStatsConfig(image_frames=0))
     fps = [d["fingerprint"] for d in data["datasets"]]

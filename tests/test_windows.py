@@ -245,6 +245,18 @@ def test_normalizer_applies_to_numeric_features_and_leaves_uint8_images_alone() 
     assert sorted(norm.calls) == [(ACTION, np.dtype(np.float32)), (STATE, np.dtype(np.float32))]
 
 
+def test_uint8_state_and_action_are_normalized_like_other_numbers() -> None:
+    t = np.arange(6)[:, None]
+    ep = MemEpisode(0, {STATE: (t + np.arange(3)).astype(np.uint8), ACTION: (t % 2 + np.zeros(2)).astype(np.uint8)})
+    norm = RecordingNormalizer({STATE: 1.0, ACTION: 0.5})
+    sample = WindowedDataset([ep], WindowSpec(1, 2), observation_keys=[STATE], normalizer=norm)[3]
+    state, action = tensor(sample, STATE), tensor(sample, ACTION)
+    assert state.dtype == action.dtype == torch.float32
+    np.testing.assert_array_equal(state.numpy(), [[4.0, 6.0, 8.0]])  # ([3, 4, 5] - 1) * 2
+    np.testing.assert_array_equal(action.numpy(), [[1.0, 1.0], [-1.0, -1.0]])  # ([1, 0] - 0.5) * 2
+    assert sorted(norm.calls) == [(ACTION, np.dtype(np.float32)), (STATE, np.dtype(np.float32))]
+
+
 def test_normalizing_in_place_does_not_change_the_episode() -> None:
     class InPlace:
         def normalize(self, key: str, values: np.ndarray) -> np.ndarray:

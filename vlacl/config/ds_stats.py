@@ -53,7 +53,7 @@ class DsStatsConfig:
         flag="--max-tasks",
     )
     rows_per_batch: int = setting(
-        65536, "Frames read per batch; memory is bounded by it, not by the dataset size.", flag="--rows-per-batch"
+        65536, "Frames read per batch; memory is bounded by it, not by the dataset size (set it with --set)."
     )
     keymap: Path | None = setting(
         None, "Key map YAML naming the state, action and camera keys; none keeps the format's own.", flag="--keymap"

@@ -387,7 +387,12 @@ def close_cached_files() -> None:
 
 
 def _forget_inherited_handles() -> None:
-    """In a forked child, drop the parent's handles so the child opens its own."""
+    """In a forked child, drop the parent's handles so the child opens its own.
+
+    The lock is new too: a parent thread may have held it at the fork, and the child's copy would stay held.
+    """
+    global _HANDLES_LOCK
+    _HANDLES_LOCK = threading.Lock()
     _HANDLES.clear()
 
 

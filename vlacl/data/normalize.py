@@ -190,9 +190,24 @@ def load_stats(path: Path | str) -> StatsFile:
         raise InputFormatError(
             f"{file} has stats version {version!r}, newer than this vlacl reads ({STATS_VERSION}): upgrade vlacl"
         )
-    for key in ("fingerprint", "datasets", "keymap_sha256", "settings", "features"):
+    for key, kind, what in (
+        ("fingerprint", str, "a text"),
+        ("datasets", list, "a list of objects"),
+        ("keymap_sha256", str, "a text"),
+        ("settings", dict, "an object"),
+        ("features", dict, "an object of objects"),
+    ):
         if key not in data:
             raise InputFormatError(f"{file} lacks {key!r}: the file is damaged; recreate it with `vlacl ds-stats`")
+        value = data[key]
+        items = value if isinstance(value, list) else value.values() if isinstance(value, dict) else ()
+        if not isinstance(value, kind) or (
+            key in ("datasets", "features") and not all(isinstance(v, dict) for v in items)
+        ):
+            raise InputFormatError(
+                f"{file}: {key!r} is {_short(value)}, not {what}: the file is damaged; recreate it with "
+                "`vlacl ds-stats`"
+            )
     fps = [str(d.get("fingerprint")) for d in data["datasets"]]
     expected = stats_fingerprint(fps, str(data["keymap_sha256"]), data["settings"])
     if expected != data["fingerprint"]:
@@ -201,6 +216,11 @@ def load_stats(path: Path | str) -> StatsFile:
             "settings): recreate it with `vlacl ds-stats`"
         )
     return StatsFile(data, str(file))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def check_stats_match(stats: StatsFile, datasets: Sequence[EpisodeDataset], keymap: KeyMap) -> None:
@@ -384,18 +404,34 @@ def _affine(key: str, feat: Mapping[str, Any], mode: NormMode, overrides: DimOve
     if mode == "none":
         one = np.ones(1)
         return _Affine(mode, one * 0, one, one, -one * math.inf, one * math.inf, clipped=False)
+
+    def array(stat: str, like: np.ndarray | None = None) -> np.ndarray:
+        try:
+            values = np.asarray(feat[stat], dtype=np.float64)
+        except (TypeError, ValueError):
+            values = None
+        if values is None or values.ndim == 0:
+            raise InputFormatError(
+                f"stats at {source}: {stat!r} of {key} is {_short(feat[stat])}, not numbers: the file is damaged; "
+                "recompute the stats with `vlacl ds-stats`"
+            ) from None
+        if like is not None and values.shape != like.shape:
+            raise InputFormatError(
+                f"stats at {source}: {stat!r} of {key} has {values.size} values, {needed[0]!r} {like.size}: the file "
+                "is damaged; recompute the stats with `vlacl ds-stats`"
+            )
+        return values
+
+    low = array(needed[0])
+    high = array(needed[1], low)
     if mode == "mean_std":
-        center = np.asarray(feat["mean"], dtype=np.float64)
-        half = np.asarray(feat["std"], dtype=np.float64)
+        center, half = low, high
     else:
-        low_name, high_name = _BOUNDS[mode]
-        low = np.asarray(feat[low_name], dtype=np.float64)
-        high = np.asarray(feat[high_name], dtype=np.float64)
         center = (low + high) / 2
         half = (high - low) / 2
     shape = center.shape
     if "mask" in feat:
-        mask = overrides.apply(key, np.asarray(feat["mask"], dtype=bool)).reshape(shape)
+        mask = overrides.apply(key, array("mask", low).astype(bool).ravel()).reshape(shape)
     else:
         mask = np.ones(shape, dtype=bool)
     center = np.where(mask, center, 0.0)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlacl.data.episode import Episode
-from vlacl.data.features import ACTION
+from vlacl.data.features import ACTION, role_of
 from vlacl.errors import ConfigError, InputFormatError
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class WindowedDataset(Dataset[dict[str, torch.Tensor | str | int]]):
         return sample
 
     def _norm(self, key: str, values: np.ndarray) -> np.ndarray:
-        if values.dtype == np.uint8:
+        if values.dtype == np.uint8 and role_of(key) == "image":  # frames stay uint8; a uint8 vector is numbers
             return np.ascontiguousarray(values)
         values = values.astype(np.float32, copy=False)
         if self.normalizer is not None:
