@@ -25,6 +25,7 @@ from vlacl.data import stats as core
 from vlacl.data.keymap import load_keymap
 from vlacl.data.normalize import Normalizer, check_stats_match, load_stats
 from vlacl.data.open import open_datasets
+from vlacl.errors import ArtifactError
 
 STATE, ACTION = "observation.state", "action"
 
@@ -104,6 +105,16 @@ def test_json_prints_the_stats_file(runner: CliRunner, lerobot: Path, tmp_path: 
     result = invoke(runner, str(lerobot), "--out", str(out), "--json", "--image-frames", "0")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout) == json.loads((out / STATS_NAME).read_text())
+
+
+def test_stats_values_edited_in_the_artifact_are_refused(runner: CliRunner, lerobot: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stats"
+    assert invoke(runner, str(lerobot), "--out", str(out), "--image-frames", "0").exit_code == 0
+    data = json.loads((out / STATS_NAME).read_text())
+    data["features"][ACTION]["q99"][0] += 1.0  # settings and lineage unchanged: only the manifest hash tells
+    (out / STATS_NAME).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=STATS_NAME):
+        load_stats(out)
 
 
 def test_without_out_nothing_is_written(runner: CliRunner, lerobot: Path, tmp_path: Path) -> None:

@@ -156,9 +156,25 @@ def test_auto_with_one_single_task_dataset_is_one_task() -> None:
 
 
 def test_explicit_task_index_partition_keeps_a_single_task() -> None:
-    stream = build_stream([single_task("a", 2), single_task("b", 1)], partition="task_index", val_fraction=0.0)
+    datasets = [single_task("a", 2, "pick"), single_task("b", 1, "pick")]
+    stream = build_stream(datasets, partition="task_index", val_fraction=0.0)
     assert stream.partition == "task_index"
     assert [(t.key, len(t.train)) for t in stream.tasks] == [("0", 3)]
+
+
+def test_task_index_meaning_other_tasks_in_other_datasets_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"task_index 0 is 'do a' in a but 'do b' in b.*partition: dataset"):
+        build_stream([single_task("a", 2), single_task("b", 1)], partition="task_index")
+
+
+def test_auto_partitions_by_dataset_when_task_tables_disagree(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vlacl.data.stream")
+    a = fake("a", [(0, "pick"), (1, "place")])
+    b = fake("b", [(0, "open"), (1, "close")])
+    stream = build_stream([a, b], val_fraction=0.0)
+    assert stream.partition == "dataset"
+    assert [t.key for t in stream.tasks] == ["a", "b"]
+    assert "disagree on task_index" in caplog.text
 
 
 # Task order

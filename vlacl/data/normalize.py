@@ -163,15 +163,17 @@ def load_stats(path: Path | str) -> StatsFile:
     """Read the stats of a ``ds_stats`` artifact directory, or a ``stats.json`` file written by one.
 
     Raises:
-        ArtifactError: A directory that is not a complete ``ds_stats`` artifact.
+        ArtifactError: A directory that is not a complete ``ds_stats`` artifact, or whose files no
+            longer match the sha256 its manifest recorded (edited since it was written).
         InputFormatError: A file that is not JSON, not a vlacl stats file (LeRobot's own
-            ``meta/stats.json`` carries no fingerprint), of a newer version, or edited since it
-            was written (its fingerprint does not match its content).
+            ``meta/stats.json`` carries no fingerprint), of a newer version, or whose fingerprint
+            does not match its settings and datasets. A bare ``stats.json`` has no manifest, so an
+            edit of its values alone is caught only when it is read from its artifact directory.
     """
     from vlacl.artifacts.reader import open_artifact
 
     path = Path(path)
-    file = open_artifact(path, "ds_stats").file(STATS_NAME) if path.is_dir() else path
+    file = open_artifact(path, "ds_stats", verify=True).file(STATS_NAME) if path.is_dir() else path
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -128,13 +128,20 @@ def build_stream(
     if order is not None and not order:
         raise ConfigError("the task order is empty: name at least one task, or leave the order out for every task")
     by_index = _group_by_task_index(datasets)
+    conflict = _task_table_conflict(datasets)
+    if partition == "task_index" and conflict:
+        raise ConfigError(
+            f"the datasets disagree on what task_index means ({conflict}): partition by dataset instead "
+            "(partition: dataset), or give datasets that share one task table"
+        )
     used: PartitionMode
-    if partition == "task_index" or (partition == "auto" and len(by_index) >= 2):
+    if partition == "task_index" or (partition == "auto" and len(by_index) >= 2 and not conflict):
         groups, used = by_index, "task_index"
     else:
         groups, used = _group_by_dataset(datasets), "dataset"
     if partition == "auto":
-        log.info("partition auto: %s gives %d tasks", used, len(groups))
+        why = f" (the datasets disagree on task_index: {conflict})" if conflict and len(by_index) >= 2 else ""
+        log.info("partition auto: %s gives %d tasks%s", used, len(groups), why)
     keys = list(groups)
     if order is not None:
         keys = _apply_order(keys, order, groups, datasets)
@@ -157,6 +164,21 @@ def _group_by_task_index(datasets: Sequence[EpisodeDataset]) -> dict[str, list[E
         for e, ep in enumerate(ds.episodes):
             groups.setdefault(ep.task_index, []).append(EpisodeRef(d, e))
     return {str(k): v for k, v in sorted(groups.items())}
+
+
+def _task_table_conflict(datasets: Sequence[EpisodeDataset]) -> str:
+    """The first task_index whose instruction differs between datasets, described; "" when none does."""
+    seen: dict[int, tuple[str, str]] = {}
+    for ds in datasets:
+        for ep in ds.episodes:
+            if not ep.instruction:
+                continue
+            first = seen.setdefault(ep.task_index, (ep.instruction, ds.root.name))
+            if first[0] != ep.instruction:
+                return (
+                    f"task_index {ep.task_index} is {first[0]!r} in {first[1]} but {ep.instruction!r} in {ds.root.name}"
+                )
+    return ""
 
 
 def _group_by_dataset(datasets: Sequence[EpisodeDataset]) -> dict[str, list[EpisodeRef]]:
