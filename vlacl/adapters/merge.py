@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KIND: Final = "merged_model"
+MERGEABLE_DTYPES: Final = frozenset({"F64", "F32", "F16", "BF16"})
+"""Base dtypes that updates are added to; quantized and integer weights are refused."""
 BLOCK_ELEMENTS: Final = 1 << 18
 """Elements of one float32 row block (1 MiB): small enough to stay in L2, large enough for a fast matmul."""
 
@@ -104,9 +106,9 @@ class KeyResolver:
 
     def __init__(self, keys: Sequence[str]) -> None:
         self.keys = frozenset(keys)
-        self._by_last: dict[str, list[str]] = {}
+        self._by_module: dict[str, list[str]] = {}
         for key in keys:
-            self._by_last.setdefault(key.rsplit(".", 2)[-2] if key.count(".") >= 1 else key, []).append(key)
+            self._by_module.setdefault(_module_name(key), []).append(key)
 
     def resolve(self, name: str) -> str | None:
         """The base key for ``name``; ``None`` when there is none.
@@ -118,14 +120,19 @@ class KeyResolver:
         for candidate in (name, "model." + name, bare):
             if candidate in self.keys:
                 return candidate
-        last = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
-        found = [k for k in self._by_last.get(last, ()) if k.endswith("." + bare)]
+        found = [k for k in self._by_module.get(_module_name(name), ()) if k.endswith("." + bare)]
         if len(found) > 1:
             raise InputFormatError(
                 f"adapter tensor {name} matches several base tensors ({', '.join(sorted(found)[:4])}): the adapter "
                 "was saved for another model class; save it from the model class of this base"
             )
         return found[0] if found else None
+
+
+def _module_name(key: str) -> str:
+    """The last module name of a tensor name: ``q_proj`` for ``model.layers.0.self_attn.q_proj.weight``."""
+    parts = key.split(".")
+    return parts[-2] if len(parts) > 1 else parts[0]
 
 
 def _for_another_base(label: str, what: str, base: BaseModel) -> InputFormatError:
@@ -206,7 +213,7 @@ def build_plan(base: BaseModel, sources: Sequence[AdapterSource]) -> dict[str, _
         if len(entry.biases) > 1:
             entry.biases = [torch.stack(entry.biases).sum(dim=0)]
         info = base.tensors[key]
-        if not info.dtype.startswith(("F", "BF")):
+        if info.dtype not in MERGEABLE_DTYPES:
             raise InputFormatError(
                 f"base tensor {key} has dtype {info.dtype}: vlacl merges into floating-point weights only"
             )
@@ -229,9 +236,8 @@ def add_low_rank(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
 
     rows, cols = weight.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    exact = weight.dtype == torch.float32
-    scratch: torch.Tensor | None = None
-    if not exact:
+    scratch: torch.Tensor | None = None  # None: a float32 weight is updated in place directly
+    if weight.dtype != torch.float32:
         scratch = getattr(_scratch, "buffer", None)
         if scratch is None or scratch.numel() < step * cols:
             scratch = _scratch.buffer = torch.empty(step * cols, dtype=torch.float32)
