@@ -266,13 +266,23 @@ def test_tied_output_layer_is_refused(tmp_path: Path) -> None:
         merge([adapter], tmp_path / "merged", base)
 
 
-def test_single_file_base(tmp_path: Path) -> None:
+def test_single_file_base_with_tokenizer_and_processor_files(tmp_path: Path) -> None:
     base = make_base(tmp_path / "base", shard_size=None)
     assert (base / "model.safetensors").is_file()
     adapter = make_lora(base, tmp_path / "a")
-    merge([adapter], tmp_path / "merged", base)
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
-    assert_same_weights(load_base(tmp_path / "merged"), peft_merged(base, [adapter]))
+    extra = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"]
+    for name in extra:
+        (base / name).write_text(f"{name}\n")
+    (base / "original").mkdir()  # e.g. consolidated.pth of Llama repos: weights in another format
+    (base / "original" / "consolidated.pth").write_bytes(b"\0" * 8)
+    (base / "training_args.bin").write_bytes(b"\0" * 8)
+    out = tmp_path / "merged"
+    merge([adapter], out, base)
+    expected = {"model.safetensors", SAFETENSORS_INDEX_NAME, "config.json", "generation_config.json", *extra}
+    assert {p.name for p in out.iterdir()} == expected | {"config.yaml", MANIFEST_NAME}
+    for name in extra:
+        assert (out / name).read_text() == f"{name}\n"
+    assert_same_weights(load_base(out), peft_merged(base, [adapter]))
 
 
 def test_cli_merges_and_reports(tmp_path: Path, llama: Path, rich_adapter: Path, runner: CliRunner) -> None:
