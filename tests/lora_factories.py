@@ -177,20 +177,7 @@ def leftovers(out: Path) -> list[str]:
 
 
 def cli_app() -> typer.Typer:
-    """The three commands on a Typer app with vlacl's exception boundary, as ``vlacl.cli.app`` registers them."""
-    from vlacl.cli.app import VlaclGroup
-    from vlacl.cli.compose_adapters import compose_adapters
-    from vlacl.cli.inspect_ckpt import inspect_ckpt
-    from vlacl.cli.logging_setup import configure_logging
-    from vlacl.cli.merge_lora import merge_lora
+    """The vlacl app, with its exception boundary and the three commands registered."""
+    from vlacl.cli.app import app
 
-    app = typer.Typer(cls=VlaclGroup, pretty_exceptions_enable=False)
-
-    @app.callback()
-    def _main() -> None:
-        configure_logging(0, False)
-
-    app.command("merge-lora")(merge_lora)
-    app.command("compose-adapters")(compose_adapters)
-    app.command("inspect-ckpt")(inspect_ckpt)
     return app

@@ -19,10 +19,13 @@ from typer.core import TyperGroup
 
 from vlacl import __version__
 from vlacl.cli.cl_metrics import cl_metrics
+from vlacl.cli.compose_adapters import compose_adapters
 from vlacl.cli.context import ARGV_KEY
 from vlacl.cli.ds_stats import ds_stats
+from vlacl.cli.inspect_ckpt import inspect_ckpt
 from vlacl.cli.inspect_h5 import inspect_h5
 from vlacl.cli.logging_setup import configure_logging
+from vlacl.cli.merge_lora import merge_lora
 from vlacl.errors import Terminated, VlaclError
 
 
@@ -129,6 +132,23 @@ app.command(
     epilog="Example: `vlacl inspect-h5 libero_goal --sample-images 4`\n\n"
     "In scripts: `vlacl inspect-h5 'data/**/*.hdf5' --no-tree --json --strict`",
 )(inspect_h5)
+app.command(
+    "merge-lora",
+    epilog="Example: `vlacl merge-lora runs/task3 --out runs/task3-merged`\n\n"
+    "Plain PEFT adapters, summed: "
+    "`vlacl merge-lora adapters/pick adapters/place --base models/qwen2-0.5b --out runs/merged`",
+)(merge_lora)
+app.command(
+    "compose-adapters",
+    epilog="Example: `vlacl compose-adapters runs/task1 runs/task2 --method linear --weights 0.5,0.5 --out runs/avg`"
+    "\n\nTIES at rank 16: "
+    "`vlacl compose-adapters runs/task1 runs/task2 runs/task3 --method ties --density 0.2 --rank 16 --out runs/ties`",
+)(compose_adapters)
+app.command(
+    "inspect-ckpt",
+    epilog="Example: `vlacl inspect-ckpt runs/task3`\n\n"
+    "In scripts: `vlacl inspect-ckpt runs/task3-merged --verify --json | jq .lineage`",
+)(inspect_ckpt)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
