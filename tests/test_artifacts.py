@@ -1376,3 +1376,28 @@ def test_a_process_is_dead_only_when_it_cannot_be_found(
     make_artifact(out)
     assert asked == [(4242, 0)]
     assert stale.exists() == alive
+
+
+def test_outputs_hashed_by_the_command_are_not_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlacl.artifacts.hashing import sha256_file_synced as real
+
+    read: list[str] = []
+
+    def counting(path: Path, *, sync: bool = True) -> tuple[str, int]:
+        read.append(Path(path).name)
+        return real(path, sync=sync)
+
+    monkeypatch.setattr("vlacl.artifacts.writer.sha256_file_synced", counting)
+
+    def body(w: ArtifactWriter) -> None:
+        big, stale = w.path / "big.bin", w.path / "stale.bin"
+        big.write_bytes(b"x" * 1000)
+        stale.write_bytes(b"y" * 10)
+        w.add_synced_output(big, hashlib.sha256(b"x" * 1000).hexdigest(), 1000)
+        w.add_synced_output(stale, "0" * 64, 9)  # the size disagrees: hashed at the commit after all
+
+    out = make_artifact(tmp_path / "out", files={}, body=body)
+    assert sorted(read) == [CONFIG_NAME, "stale.bin"]
+    outputs = open_artifact(out, verify=True).manifest.outputs
+    assert outputs["stale.bin"].sha256 == hashlib.sha256(b"y" * 10).hexdigest()
+    assert outputs["big.bin"].bytes == 1000

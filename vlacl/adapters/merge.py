@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from vlacl.artifacts.hashing import sha256_file
+from vlacl.artifacts.hashing import sha256_file, sha256_file_synced
 from vlacl.artifacts.manifest import read_manifest
 from vlacl.artifacts.names import FILE_KIND, MANIFEST_NAME, SAFETENSORS_INDEX_NAME
 from vlacl.artifacts.writer import ArtifactWriter, check_output_dir
@@ -334,6 +334,11 @@ def _merge_shard(
     return tensors
 
 
+def _background_workers(files: int) -> int:
+    """Threads that hash files beside the merge: half the cores, one per file, at least one, at most 8."""
+    return max(1, min(files, (os.cpu_count() or 1) // 2, 8))
+
+
 @contextmanager
 def _recording_in_background(writer: ArtifactWriter, role: str, files: Sequence[Path]) -> Iterator[None]:
     """Record ``files`` as inputs of ``writer`` in a background thread while the block runs.
@@ -344,15 +349,21 @@ def _recording_in_background(writer: ArtifactWriter, role: str, files: Sequence[
     when the block fails.
     """
     stop = threading.Event()
+    # Half the cores hash (one file each), the rest merge; one hasher on a machine of 2 or 3 cores.
+    workers = _background_workers(len(files))
+
+    def digest(file: Path) -> str | None:
+        return None if stop.is_set() else sha256_file(file)
 
     def record() -> None:
-        for file in files:
-            if stop.is_set():
-                return
-            writer.add_file_input(role, file)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlacl-hash") as pool:
+            for file, sha in zip(files, pool.map(digest, files), strict=True):
+                if sha is None or stop.is_set():
+                    return
+                writer.add_file_input(role, file, sha256=sha)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlacl-hash") as hasher:
-        future = hasher.submit(record)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlacl-record") as recorder:
+        future = recorder.submit(record)
         try:
             yield
         except BaseException:
@@ -509,7 +520,11 @@ def merge_lora(
             out, KIND, command=command, config_yaml=dump_config(cfg), seed=None, overwrite=overwrite
         ) as writer,
         _merge_threads() as pool,
+        ThreadPoolExecutor(
+            max_workers=_background_workers(len(base_model.shards)), thread_name_prefix="vlacl-sync"
+        ) as syncer,
     ):
+        synced: list[tuple[Path, Future[tuple[str, int]]]] = []
         for source in sources:
             source.record(writer)
         writer.add_file_input("base", base_model.path / HF_CONFIG_NAME)  # refuses an --out overlapping the base
@@ -522,6 +537,8 @@ def merge_lora(
             for number, name in enumerate(base_model.shards, start=1):
                 shard_started = time.perf_counter()
                 tensors = _merge_shard(base_model, name, buffer, writer.path / name, plan, out_dtype, pool)
+                # hash and sync the shard while the next one merges, so the commit does not read it again
+                synced.append((writer.path / name, syncer.submit(sha256_file_synced, writer.path / name)))
                 for key, tensor in tensors.items():
                     weight_map[key] = name
                     total_size += tensor.numel() * tensor.element_size()
@@ -545,6 +562,8 @@ def merge_lora(
             (writer.path / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             for name, file in policy.items():
                 shutil.copyfile(file, writer.path / name)
+            for file, future in synced:
+                writer.add_synced_output(file, *future.result())
         adapters_detail = [s.describe() for s in sources]
         writer.details.update(
             {

@@ -28,6 +28,7 @@ import shutil
 import socket
 import stat
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -263,6 +264,7 @@ class ArtifactWriter:
         self.extra_libraries = extra_libraries
         self.details: dict[str, Any] = {}
         self._inputs: list[InputRef] = []
+        self._synced: dict[str, OutputEntry] = {}
         self._tmp: Path | None = None
         self._created: list[Path] = []
 
@@ -414,10 +416,21 @@ class ArtifactWriter:
             )
         )
 
-    def add_file_input(self, role: str, path: Path) -> None:
-        """Record a plain-file input with the sha256 of its content."""
+    def add_file_input(self, role: str, path: Path, *, sha256: str | None = None) -> None:
+        """Record a plain-file input with the sha256 of its content (computed here unless given)."""
         self._check_not_out(path)
-        self._inputs.append(InputRef(role=role, kind=FILE_KIND, path=self._relative(path), sha256=sha256_file(path)))
+        digest = sha256 if sha256 is not None else sha256_file(path)
+        self._inputs.append(InputRef(role=role, kind=FILE_KIND, path=self._relative(path), sha256=digest))
+
+    def add_synced_output(self, path: Path, sha256: str, size: int) -> None:
+        """Record a file the command wrote under :attr:`path` and has already hashed and synced itself.
+
+        The commit then takes the given sha256 instead of reading the file again (it still checks
+        the size); a command that writes large files can hash and sync each one in the background
+        while it writes the next.
+        """
+        rel = Path(path).resolve().relative_to(self.path.resolve()).as_posix()
+        self._synced[rel] = OutputEntry(sha256=sha256, bytes=size)
 
     def _commit(self, tmp: Path) -> None:
         config = tmp / CONFIG_NAME
@@ -433,11 +446,24 @@ class ArtifactWriter:
                 config.write_text(self.config_yaml, encoding="utf-8")  # hashed and synced with the other files
             step = f"listing {tmp}"
             paths = sorted(tmp.rglob("*"))
+            files = [p for p in paths if p.is_file()]
             outputs: dict[str, OutputEntry] = {}
-            for file in paths:
-                if file.is_file():
+            known = {
+                f: self._synced[rel]
+                for f in files
+                if (rel := f.relative_to(tmp).as_posix()) in self._synced
+                and f.stat().st_size == self._synced[rel].bytes
+            }
+            todo = [f for f in files if f not in known]
+            # hashlib and file reads release the GIL: large files hash in parallel, one per core.
+            with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
+                futures = {file: pool.submit(sha256_file_synced, file) for file in todo}
+                for file in files:
                     step = f"reading and syncing {file}"
-                    digest, size = sha256_file_synced(file)
+                    if file in known:
+                        outputs[file.relative_to(tmp).as_posix()] = known[file]
+                        continue
+                    digest, size = futures[file].result()
                     outputs[file.relative_to(tmp).as_posix()] = OutputEntry(sha256=digest, bytes=size)
             step = f"writing {tmp / MANIFEST_NAME}"
             config_sha = outputs[CONFIG_NAME].sha256 if self.config_yaml is not None else None
