@@ -25,7 +25,7 @@ test-all: install
 quality: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy vlacl tests
+	$(BIN)/mypy vlacl tests bench
 
 completions: install
 	for shell in bash zsh fish; do \

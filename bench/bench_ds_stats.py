@@ -174,7 +174,7 @@ def child(mode: str, root: Path) -> dict[str, float]:
     else:
         datasets = open_datasets([root])
         if mode == "core":
-            datasets[0].iter_columns = lambda keys, rows_per_batch=65536: _plain_batches(files, keys, rows_per_batch)  # type: ignore[method-assign]
+            datasets[0].iter_columns = lambda keys, rows_per_batch=65536: _plain_batches(files, keys, rows_per_batch)  # type: ignore[method-assign,misc]
         stats = compute_stats(datasets, DsStatsConfig(image_frames=0))
         assert stats["features"]["action"]["binary_dims"] == [DIM - 1]
         assert np.isfinite(stats["features"]["observation.state"]["q99"]).all()

@@ -148,7 +148,7 @@ def build(workdir: Path, size: str) -> tuple[Path, Path]:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS), task_type="CAUSAL_LM").save_pretrained(
-        adapter
+        str(adapter)
     )
     factors = {}
     for key, shape in shapes.items():
