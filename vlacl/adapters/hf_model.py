@@ -14,6 +14,7 @@ on virtual machines), and a buffer allocated once is paid for once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import mmap
 import re
@@ -30,6 +31,8 @@ from vlacl.errors import InputFormatError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 HF_CONFIG_NAME: Final = "config.json"
 """The model config every Hugging Face model directory holds."""
@@ -206,6 +209,44 @@ def _read_index(index_file: Path) -> dict[str, str]:
         if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
             raise InputFormatError(f"base model {index_file} names an invalid shard file {shard!r}")
     return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def runtime_names(base: BaseModel) -> dict[str, str]:
+    """Checkpoint key by the name transformers gives the tensor at runtime, where the two differ.
+
+    transformers 5 renames the tensors of many checkpoints as it loads them and renames them back
+    as it saves: a Qwen2-VL checkpoint's ``model.layers.0...`` is the model's
+    ``model.language_model.layers.0...``, a PaliGemma's ``language_model.model.layers.0...`` too.
+    PEFT names adapter tensors after the runtime modules. The renaming rules are transformers'
+    own, read from a skeleton of the model on the meta device (no memory, no weights read).
+    Empty when transformers does not know the architecture (custom code, or an older or newer
+    transformers) or renames nothing.
+    """
+    import torch
+
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        architectures = base.config.get("architectures") or []
+        cls = getattr(transformers, str(architectures[0]), None) if architectures else None
+        if cls is None:
+            return {}
+        config = transformers.AutoConfig.from_pretrained(base.path)
+        with torch.device("meta"):
+            model = cls._from_config(config)
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        meta = model.state_dict()
+        names: dict[str, str] = {}
+        for key in base.tensors:
+            runtime, _ = rename_source_key(key, renamings, [], model.base_model_prefix, meta)
+            if runtime != key:
+                names.setdefault(runtime, key)
+        return names
+    except Exception as exc:  # an architecture transformers cannot build here: no renaming known
+        log.debug("no transformers key renaming for %s: %s", base.path, exc)
+        return {}
 
 
 TORCH_DTYPES: Final = {

@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ from vlacl.config.core import dump_config
 from vlacl.config.merge_lora import MergeLoraConfig
 from vlacl.errors import ArtifactError, InputFormatError
 
-from .hf_model import HF_CONFIG_NAME, BaseModel, ShardBuffer, read_base_model
+from .hf_model import HF_CONFIG_NAME, BaseModel, ShardBuffer, read_base_model, runtime_names
 from .peft_files import is_finite, load_adapter
 from .sources import AdapterSource, open_sources
 
@@ -102,10 +102,16 @@ class KeyResolver:
     checkpoint's names (``model.layers.0...`` for a ``*ForCausalLM``, ``layers.0...`` for the bare
     model). Tried in order: the name itself; with ``model.`` added or removed; the one checkpoint
     name ending in ``.<name>``. Several candidates are an error, never a guess.
+
+    ``runtime`` gives, when first needed, the checkpoint key of each name transformers renames at
+    load time (a VLM's ``model.language_model.layers...``, which PEFT uses, is ``model.layers...``
+    or ``language_model.model.layers...`` in the file); tried before the suffix.
     """
 
-    def __init__(self, keys: Sequence[str]) -> None:
+    def __init__(self, keys: Sequence[str], runtime: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.keys = frozenset(keys)
+        self._runtime = runtime
+        self._runtime_names: Mapping[str, str] | None = None
         self._by_module: dict[str, list[str]] = {}
         for key in keys:
             self._by_module.setdefault(_module_name(key), []).append(key)
@@ -120,6 +126,12 @@ class KeyResolver:
         for candidate in (name, "model." + name, bare):
             if candidate in self.keys:
                 return candidate
+        if self._runtime is not None:
+            if self._runtime_names is None:
+                self._runtime_names = self._runtime()
+            for candidate in (name, "model." + name, bare):
+                if candidate in self._runtime_names:
+                    return self._runtime_names[candidate]
         found = [k for k in self._by_module.get(_module_name(name), ()) if k.endswith("." + bare)]
         if len(found) > 1:
             raise InputFormatError(
@@ -151,7 +163,7 @@ def build_plan(base: BaseModel, sources: Sequence[AdapterSource]) -> dict[str, _
     """
     import torch
 
-    resolver = KeyResolver(list(base.tensors))
+    resolver = KeyResolver(list(base.tensors), lambda: runtime_names(base))
     tied = bool(base.config.get("tie_word_embeddings", False))
     plan: dict[str, _TensorPlan] = {}
 
