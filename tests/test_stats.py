@@ -174,7 +174,7 @@ def test_a_range_that_grows_by_orders_of_magnitude_keeps_the_bound() -> None:
     ds = make_dataset("grow", [{STATE: p, ACTION: p[:, :1]} for p in parts], [0] * len(parts))
     result = compute_stats([ds], DsStatsConfig(image_frames=0, rows_per_batch=300))
     assert_matches_numpy(result["features"][STATE], values)
-    assert result["quantiles"]["relative_error_bound"] < 1 / (HIST_BINS - 1)
+    assert result["quantiles"]["relative_error_bound"] < 1 / (HIST_BINS - 1) <= 1e-4  # the bound the issue allows
 
 
 def test_results_do_not_depend_on_batching_beyond_rounding(

@@ -83,7 +83,7 @@ def ds_stats(
     """Compute normalization stats (min, max, mean, std, q01..q99), globally and per task.
 
     Moments and extremes are exact; quantiles come from a histogram whose error bound (at most
-    6.1e-5 of each dimension's range) is written beside them. Binary dimensions (a gripper with
+    9.8e-5 of each dimension's range) is written beside them. Binary dimensions (a gripper with
     two levels) are detected and left out of normalization. Prints a table per feature and how
     far each task's stats drift from the global ones. With --out, writes a ds_stats artifact:
     stats.json (LeRobot's key names plus mask, norm_mode and per-task stats) and the key map.

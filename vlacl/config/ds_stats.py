@@ -48,7 +48,7 @@ class DsStatsConfig:
     seed: int = setting(0, "Seed of the image frame sample.", flag="--seed")
     max_tasks: int = setting(
         256,
-        "Per-task stats are written when the data has at most this many tasks (each task keeps a 16384-bin "
+        "Per-task stats are written when the data has at most this many tasks (each task keeps a 10240-bin "
         "histogram per dimension); above it only global stats are written.",
         flag="--max-tasks",
     )

@@ -13,7 +13,7 @@ Numeric features (state, action, extras) are read in column batches
   width doubles and each new bin is the union of old ones, so no count is ever split. An order
   statistic is estimated as the middle of its bin clipped to ``[min, max]`` (the first and last
   are the exact min and max), so it is off by at most ``w / 2 < range / (HIST_BINS - 1)``, about
-  6.1e-5 of the range; that bound is written per dimension (``quantile_error_bound``). A dimension
+  9.8e-5 of the range; that bound is written per dimension (``quantile_error_bound``). A dimension
   with at most two distinct values (a gripper) has exact quantiles (bound 0). Every task shares
   the feature's grid, so the global histogram is the exact sum of the tasks'. (Float64 data whose
   spread is below about 1e-11 of its magnitude gets a coarser grid; its bound says so.)
@@ -24,7 +24,7 @@ Camera features get per-channel stats over ``image_frames`` frames drawn uniform
 replacement (seeded) from all frames of the datasets, values scaled to ``[0, 1]``, shaped
 ``(C, 1, 1)`` as LeRobot's. For uint8 frames a 256-level histogram makes them exact for the sample.
 
-Memory is bounded by the batch size and the histograms (``tasks x dims x 16384`` counters), never
+Memory is bounded by the batch size and the histograms (``tasks x dims x 10240`` counters), never
 by the number of frames. A NaN or infinite value is an error naming the feature, dimension and episode.
 
 ``stats.json`` (``vlacl_stats_version`` 1)::
@@ -35,7 +35,7 @@ by the number of frames. A NaN or infinite value is an error naming the feature,
      "keymap_sha256": ..., "keymap_is_default": bool,
      "settings": {"norm_modes": {feature: mode}, "binary_dims", "continuous_dims", "image_frames",
                   "seed", "max_tasks", "quantiles": {"method", "bins"}},
-     "quantiles": {"method": "dyadic_histogram", "bins": 16384, "levels": {"q01": 0.01, ...},
+     "quantiles": {"method": "dyadic_histogram", "bins": 10240, "levels": {"q01": 0.01, ...},
                    "interpolation": "linear", "relative_error_bound": max over dims of bound / range},
      "image_frames": frames actually sampled,
      "num_frames": ..., "num_episodes": ...,
@@ -79,8 +79,11 @@ from vlacl.errors import InputFormatError
 
 log = logging.getLogger(__name__)
 
-HIST_BINS: Final = 16384
-"""Histogram bins per dimension: the quantile error is below ``range / (HIST_BINS - 1)``, 6.1e-5."""
+HIST_BINS: Final = 10240
+"""Histogram bins per dimension: the quantile error is below ``range / (HIST_BINS - 1)``, 9.8e-5.
+
+Fewer bins than a power of two keep the counters of a 32-dim feature (1.25 MiB) closer to the CPU
+cache, which is where the histogram update spends its time; 10240 keeps the bound under 1e-4."""
 QUANTILE_METHOD: Final = "dyadic_histogram"
 QUANTILE_LEVELS: Final[tuple[tuple[str, float], ...]] = (
     ("q01", 0.01),
