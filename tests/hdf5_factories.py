@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
+import pytest
 
 Mutate = Callable[[h5py.File], None]
 
@@ -208,3 +210,16 @@ class Hdf5Factory:
                 action_scale=action_scale,
             )
         return self.root / name
+
+
+def count_dataset_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of every h5py dataset read from now on (the returned list fills as they happen)."""
+    reads: list[str] = []
+    original = h5py.Dataset.__getitem__
+
+    def counting(self: h5py.Dataset, key: Any) -> Any:
+        reads.append(self.name)
+        return original(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    return reads

@@ -18,6 +18,7 @@ from tests.hdf5_factories import (
     LIBERO_STATE,
     Hdf5Factory,
     actions_of,
+    count_dataset_reads,
     garbage,
     lowdim_of,
     replace,
@@ -244,14 +245,7 @@ def test_iter_columns_concatenates_episodes(h5: Hdf5Factory) -> None:
 def test_opening_reads_no_arrays(h5: Hdf5Factory, monkeypatch: pytest.MonkeyPatch) -> None:
     path = h5.robomimic(lengths=(30, 30))
     flat = h5.flat_dir()
-    reads: list[str] = []
-    original = h5py.Dataset.__getitem__
-
-    def counting(self: h5py.Dataset, key: Any) -> Any:
-        reads.append(self.name)
-        return original(self, key)
-
-    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    reads = count_dataset_reads(monkeypatch)
     ds = _open(path)
     _open(flat)
     assert reads == []

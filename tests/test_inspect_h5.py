@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tests.hdf5_factories import Hdf5Factory, actions_of, garbage, replace, truncate
+from tests.hdf5_factories import Hdf5Factory, actions_of, count_dataset_reads, garbage, replace, truncate
 from vlacl.cli.app import app as vlacl_app
 from vlacl.config.inspect_h5 import InspectH5Config
 from vlacl.data import hdf5
@@ -242,14 +242,7 @@ def test_flat_files_are_episodes_and_checked_together(h5: Hdf5Factory) -> None:
 def test_no_image_payload_is_read_unless_asked(h5: Hdf5Factory, monkeypatch: pytest.MonkeyPatch) -> None:
     path = h5.robomimic(compression="gzip")
     flat = h5.flat_dir()
-    reads: list[str] = []
-    original = h5py.Dataset.__getitem__
-
-    def counting(self: h5py.Dataset, key: Any) -> Any:
-        reads.append(self.name)
-        return original(self, key)
-
-    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    reads = count_dataset_reads(monkeypatch)
     report = _inspect(path, flat)
     images = [name for name in reads if name.endswith(("_rgb", "images"))]
     assert images == []

@@ -19,8 +19,8 @@ from hypothesis.extra import numpy as hnp
 from tests.stats_fakes import FakeDataset, make_dataset, split_rows
 from vlacl.config.ds_stats import DsStatsConfig
 from vlacl.data import stats
-from vlacl.data.episode import ColumnBatch
-from vlacl.data.stats import HIST_BINS, QUANTILE_LEVELS, compute_stats, dataset_names, task_key
+from vlacl.data.episode import ColumnBatch, dataset_names
+from vlacl.data.stats import HIST_BINS, QUANTILE_LEVELS, compute_stats, task_key
 from vlacl.errors import ConfigError, InputFormatError
 
 STATE, ACTION = "observation.state", "action"

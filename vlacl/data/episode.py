@@ -160,6 +160,21 @@ def dataset_fingerprint(dataset: EpisodeDataset) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def dataset_names(datasets: Sequence[EpisodeDataset]) -> list[str]:
+    """One distinct name per dataset: its path's stem, ``#<position>`` appended while the name is taken.
+
+    Task streams key their ``dataset`` partition by these names and per-task stats prefix their
+    task ids with them, so both name a sub-dataset alike.
+    """
+    names: list[str] = []
+    for position, ds in enumerate(datasets):
+        name = ds.root.stem
+        while name in names:
+            name = f"{name}#{position}"
+        names.append(name)
+    return names
+
+
 def numeric_keys(features: Mapping[str, Feature]) -> list[str]:
     """Keys of the non-image features, state first, then action, then the rest in order."""
     order = {"state": 0, "action": 1, "other": 2}

@@ -72,7 +72,15 @@ import numpy as np
 
 from vlacl.artifacts.names import KEYMAP_NAME, MANIFEST_NAME, STATS_NAME
 from vlacl.config.ds_stats import DsStatsConfig
-from vlacl.data.episode import ColumnBatch, Episode, EpisodeDataset, as_2d, dataset_fingerprint, numeric_keys
+from vlacl.data.episode import (
+    ColumnBatch,
+    Episode,
+    EpisodeDataset,
+    as_2d,
+    dataset_fingerprint,
+    dataset_names,
+    numeric_keys,
+)
 from vlacl.data.features import Feature
 from vlacl.data.normalize import STATS_VERSION, NormMode, stats_fingerprint
 from vlacl.errors import InputFormatError
@@ -103,17 +111,6 @@ ProgressFn = Callable[[str, int, int], None]
 """``progress(phase, done, total)``; phase is ``"frames"`` or ``"images"``."""
 
 T = TypeVar("T")
-
-
-def dataset_names(datasets: Sequence[EpisodeDataset]) -> list[str]:
-    """One distinct name per dataset: its episodes' sub-dataset name, ``#<position>`` appended on a repeat."""
-    names: list[str] = []
-    for position, ds in enumerate(datasets):
-        name = ds.episodes[0].subset if ds.episodes else ds.root.stem
-        while name in names:
-            name = f"{name}#{position}"
-        names.append(name)
-    return names
 
 
 def task_key(episode: Episode, dataset_name: str | None) -> str:

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from vlacl.data.episode import Episode, EpisodeDataset
+from vlacl.data.episode import Episode, EpisodeDataset, dataset_names
 from vlacl.errors import ConfigError, InputFormatError
 
 log = logging.getLogger(__name__)
@@ -182,14 +182,10 @@ def _task_table_conflict(datasets: Sequence[EpisodeDataset]) -> str:
 
 
 def _group_by_dataset(datasets: Sequence[EpisodeDataset]) -> dict[str, list[EpisodeRef]]:
-    groups: dict[str, list[EpisodeRef]] = {}
-    for d, ds in enumerate(datasets):
-        name = ds.root.stem
-        key = name
-        while key in groups:  # a repeated name, or one equal to an earlier suffixed key
-            key = f"{key}#{d}"
-        groups[key] = [EpisodeRef(d, e) for e in range(len(ds.episodes))]
-    return groups
+    return {
+        name: [EpisodeRef(d, e) for e in range(len(ds.episodes))]
+        for d, (name, ds) in enumerate(zip(dataset_names(datasets), datasets, strict=True))
+    }
 
 
 def _apply_order(
