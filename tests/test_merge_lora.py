@@ -33,7 +33,7 @@ from vlacl.artifacts.names import (
     STATS_NAME,
 )
 from vlacl.config.merge_lora import MergeLoraConfig
-from vlacl.errors import ConfigError, InputFormatError, OutputExistsError
+from vlacl.errors import ArtifactError, ConfigError, InputFormatError, OutputExistsError
 
 TOKENS = torch.tensor([[1, 5, 9, 3, 60, 2, 7], [4, 4, 0, 11, 31, 8, 2]])
 
@@ -181,6 +181,25 @@ def test_task_checkpoint_merges_its_stack_and_carries_the_policy(tmp_path: Path,
     assert [i.role for i in checkpoint_inputs] == ["adapter:task2"]
     with pytest.raises(InputFormatError, match="pass only the last one"):
         merge([ckpt, ckpt], tmp_path / "two", llama)
+
+
+def test_per_task_checkpoint_merges_only_its_own_adapter(tmp_path: Path, llama: Path) -> None:
+    first = make_lora(llama, tmp_path / "p1", seed=5, target_modules=["q_proj"])
+    second = make_lora(llama, tmp_path / "p2", seed=6, target_modules=["v_proj"])
+    adapters = {"task1": first, "task2": second}
+    last = make_task_checkpoint(tmp_path / "last", adapters, base=llama, details={"adapter_mode": "per-task"})
+    merge([last], tmp_path / "m-last", None)
+    assert_same_weights(load_base(tmp_path / "m-last"), peft_merged(llama, [second]))
+    chosen = make_task_checkpoint(
+        tmp_path / "chosen", adapters, base=llama, details={"adapter_mode": "per-task", "active_adapter": "task1"}
+    )
+    merge([chosen], tmp_path / "m-chosen", None)
+    assert_same_weights(load_base(tmp_path / "m-chosen"), peft_merged(llama, [first]))
+    damaged = make_task_checkpoint(
+        tmp_path / "damaged", adapters, base=llama, details={"adapter_mode": "per-task", "active_adapter": "task9"}
+    )
+    with pytest.raises(ArtifactError, match="active_adapter 'task9' is not in the adapter stack"):
+        merge([damaged], tmp_path / "m-damaged", None)
 
 
 def test_a_finished_merge_is_recognized_and_left_alone(tmp_path: Path, llama: Path, rich_adapter: Path) -> None:

@@ -5,7 +5,9 @@
 - A ``composed_adapter`` artifact: a PEFT directory with a vlacl manifest.
 - A ``task_checkpoint`` artifact: its whole adapter stack, ``adapters/<name>/`` in the order of
   the manifest's ``details["adapter_stack"]``, with the action head, the stats and the key map the
-  policy was trained with.
+  policy was trained with. In ``per-task`` mode (``details["adapter_mode"]``) only the adapter of
+  the checkpoint's own task counts (``details["active_adapter"]``, else the last of the stack):
+  the others belong to earlier tasks and are never active together with it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 
 ADAPTER_KINDS = ("task_checkpoint", "composed_adapter")
 """Artifact kinds that hold adapters."""
+
+PER_TASK_MODE = "per-task"
+"""Adapter mode whose stack holds one adapter per task with only the checkpoint's own task's active."""
 
 POLICY_FILES = (ACTION_HEAD_NAME, STATS_NAME, KEYMAP_NAME)
 """Files of a task checkpoint that, with merged weights, make a complete policy (the key map is optional)."""
@@ -145,6 +150,8 @@ def _checkpoint_stack(artifact: Artifact) -> tuple[AdapterLayout, ...]:
         )
     if len(set(names)) != len(names):
         raise ArtifactError(f"{artifact.path}: details.adapter_stack names an adapter twice ({names}): recreate it")
+    if artifact.manifest.details.get("adapter_mode") == PER_TASK_MODE:
+        names = [_active_adapter(artifact, names)]
     stack = []
     for name in names:
         rel = f"{ADAPTERS_DIR}/{name}"
@@ -152,6 +159,17 @@ def _checkpoint_stack(artifact: Artifact) -> tuple[AdapterLayout, ...]:
         artifact.file(f"{rel}/{ADAPTER_WEIGHTS_NAME}")
         stack.append(read_layout(artifact.path / rel, name))
     return tuple(stack)
+
+
+def _active_adapter(artifact: Artifact, names: list[str]) -> str:
+    """The adapter of the checkpoint's own task in a per-task stack: ``details["active_adapter"]``, else the last."""
+    active = artifact.manifest.details.get("active_adapter", names[-1])
+    if active not in names:
+        raise ArtifactError(
+            f"{artifact.path}: details.active_adapter {active!r} is not in the adapter stack {names}: the artifact "
+            f"is damaged; recreate it with `{producer_of('task_checkpoint')}`"
+        )
+    return str(active)
 
 
 def open_sources(paths: Sequence[Path | str]) -> list[AdapterSource]:
