@@ -24,6 +24,7 @@ from vlacl.artifacts.names import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     ADAPTERS_DIR,
+    BACKBONE_WEIGHTS_NAME,
     FILE_KIND,
     KEYMAP_NAME,
     MANIFEST_NAME,
@@ -142,6 +143,13 @@ def open_source(path: Path | str) -> AdapterSource:
 def _checkpoint_stack(artifact: Artifact) -> tuple[AdapterLayout, ...]:
     """The adapters of a task checkpoint, in the order of ``details["adapter_stack"]``."""
     names = artifact.manifest.details.get("adapter_stack")
+    finetune = artifact.manifest.details.get("finetune", "lora")
+    if finetune != "lora" and not names:
+        raise InputFormatError(
+            f"{artifact.path} is a task_checkpoint trained with --finetune {finetune}: it has no LoRA adapter "
+            f"(its changed backbone weights are in {BACKBONE_WEIGHTS_NAME}), so there is nothing to merge or compose; "
+            "evaluate it as it is, or train with --finetune lora"
+        )
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise ArtifactError(
             f"{artifact.path} is a task_checkpoint whose manifest has no adapter stack (details.adapter_stack "

@@ -24,6 +24,15 @@ KEYMAP_NAME: Final = "keymap.yaml"
 # details["adapter_stack"]; the action head and the stats the policy was trained with beside them.
 ADAPTERS_DIR: Final = "adapters"
 ACTION_HEAD_NAME: Final = "action_head.safetensors"
+CL_STATE_NAME: Final = "cl_state.safetensors"
+"""The CL algorithm's tensors; its other state values are in CL_META_NAME."""
+CL_META_NAME: Final = "cl_state.json"
+TRAIN_METRICS_NAME: Final = "metrics.jsonl"
+"""One JSON object per logged training step and per validation."""
+BEST_DIR: Final = "best"
+"""With --keep-best: the adapters and head of the lowest validation loss."""
+BACKBONE_WEIGHTS_NAME: Final = "backbone.safetensors"
+"""Backbone weights changed by --finetune full/last-n, named relative to the backbone module."""
 
 # PEFT adapter directories (what PeftModel.from_pretrained loads)
 ADAPTER_CONFIG_NAME: Final = "adapter_config.json"

@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from vlacl import __version__
 from vlacl.cli.cl_metrics import cl_metrics
+from vlacl.cli.collect_demos import collect_demos
 from vlacl.cli.compose_adapters import compose_adapters
 from vlacl.cli.context import ARGV_KEY
 from vlacl.cli.ds_stats import ds_stats
@@ -26,6 +27,7 @@ from vlacl.cli.inspect_ckpt import inspect_ckpt
 from vlacl.cli.inspect_h5 import inspect_h5
 from vlacl.cli.logging_setup import configure_logging
 from vlacl.cli.merge_lora import merge_lora
+from vlacl.cli.train_task import train_task
 from vlacl.errors import Terminated, VlaclError
 
 
@@ -122,6 +124,12 @@ app.command(
     "Compare runs: `vlacl cl-metrics seq=runs/seq-eval er=runs/er-eval --out runs/compare`",
 )(cl_metrics)
 app.command(
+    "collect-demos",
+    epilog="Example: `vlacl collect-demos --stream cw10 --episodes-per-task 2 --out data/cw10-demos`\n\n"
+    "With a 64x64 camera, noisy actions and 4 processes: `vlacl collect-demos --stream cw10 --cameras corner "
+    "--image-size 64 --action-noise 0.1 --workers 4 --out data/cw10-noisy`",
+)(collect_demos)
+app.command(
     "ds-stats",
     epilog="Example: `vlacl ds-stats data/libero_10 --out runs/libero10-stats`\n\n"
     "Several datasets, a key map and min/max normalization: "
@@ -149,6 +157,12 @@ app.command(
     epilog="Example: `vlacl inspect-ckpt runs/task3`\n\n"
     "In scripts: `vlacl inspect-ckpt runs/task3-merged --verify --json | jq .lineage`",
 )(inspect_ckpt)
+app.command(
+    "train-task",
+    epilog="Example: `vlacl train-task --dataset data/libero_10 --stats runs/stats --task '#0' --out runs/task0`\n\n"
+    "Next task of the stream: `vlacl train-task --dataset data/libero_10 --stats runs/stats --task '#1' "
+    "--prev runs/task0 --out runs/task1`",
+)(train_task)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,286 @@
+"""train-task end to end on a micro backbone: checkpoint round trip, learning, guards, --prev chains, CLI tools."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tests.train_factories import Stream, make_stream
+from vlacl.artifacts.names import (
+    ACTION_HEAD_NAME,
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    ADAPTERS_DIR,
+    CL_META_NAME,
+    CL_STATE_NAME,
+)
+from vlacl.artifacts.reader import open_artifact
+from vlacl.cl.base import Algorithm, register, unregister
+from vlacl.config.lora import AdapterConfig
+from vlacl.config.policy import PolicyConfig
+from vlacl.config.train_task import SMOKE_STEPS
+from vlacl.data.keymap import KeyMap
+from vlacl.data.normalize import StatsFile
+from vlacl.data.windows import WindowSpec
+from vlacl.errors import ArtifactError, ConfigError
+from vlacl.models.policy import Policy
+from vlacl.training.checkpoint import METRICS_LOG_NAME
+from vlacl.training.guards import TrainingError
+from vlacl.training.loop import run_train_task
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stream]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the machine is shared
+    yield make_stream(tmp_path_factory.mktemp("stream"))
+    torch.set_num_threads(threads)
+
+
+def _restore_policy(ckpt: Path, model: Path) -> Policy:
+    from vlacl.adapters.lora import load_for_inference
+    from vlacl.models.load import load_backbone
+    from vlacl.models.policy import policy_from_head_config
+
+    details = open_artifact(ckpt, "task_checkpoint").manifest.details
+    setup = load_for_inference(load_backbone(str(model)), ckpt)
+    policy = policy_from_head_config(details["head_config"], setup.backbone)
+    policy.load_head_state_dict(load_file(str(ckpt / ACTION_HEAD_NAME)))
+    policy.train(False)
+    return policy
+
+
+def test_checkpoint_loads_back_to_the_same_predictions(stream: Stream, tmp_path: Path) -> None:
+    out = tmp_path / "task0"
+    result = run_train_task(stream.config(steps=3), out=out)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == sorted(
+        [
+            f"{ADAPTERS_DIR}/shared/{ADAPTER_CONFIG_NAME}",
+            f"{ADAPTERS_DIR}/shared/{ADAPTER_WEIGHTS_NAME}",
+            ACTION_HEAD_NAME,
+            CL_STATE_NAME,
+            CL_META_NAME,
+            METRICS_LOG_NAME,
+            "config.yaml",
+            "keymap.yaml",
+            "stats.json",
+            "vlacl_manifest.json",
+        ]
+    )
+    manifest = open_artifact(out, "task_checkpoint", verify=True).manifest
+    d = manifest.details
+    assert d["adapter_stack"] == ["shared"]
+    assert d["adapter_mode"] == "shared"
+    assert d["steps"] == 3
+    assert (out / d["base_model"]).resolve() == stream.model.resolve()
+    assert d["task_index"] == 0
+    assert d["cl_algorithm"] == "seq"
+    assert math.isfinite(d["final_loss"])
+    assert math.isfinite(d["val_loss"])
+    assert {i.role for i in manifest.inputs} == {"stats", "dataset", "base_model"}
+    lines = [json.loads(line) for line in (out / METRICS_LOG_NAME).read_text().splitlines()]
+    logged = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 3]
+    assert set(logged[0]) >= {"step", "loss", "terms", "lr", "samples_per_s", "grad_norm"}
+
+    trained = result.policy
+    trained.train(False)
+    restored = _restore_policy(out, stream.model)
+    from vlacl.training.data import build_task_data
+
+    data = build_task_data(
+        [stream.data], _stats(stream), keymap=_keymap(), task=0, spec=_spec(), split_seed=0, short="skip"
+    )
+    batch = trained.collate([data.train[i] for i in range(6)])
+    with torch.no_grad():
+        a = trained.predict(batch)
+        b = restored.predict(batch)
+    assert torch.equal(a, b)
+
+
+def _stats(stream: Stream) -> StatsFile:
+    from vlacl.data.normalize import load_stats
+
+    return load_stats(stream.stats)
+
+
+def _keymap() -> KeyMap:
+    from vlacl.data.keymap import KeyMap
+
+    return KeyMap()
+
+
+def _spec() -> WindowSpec:
+    from vlacl.data.windows import WindowSpec
+
+    return WindowSpec(history=1, chunk=4)
+
+
+def test_the_policy_overfits_a_tiny_task(stream: Stream, tmp_path: Path) -> None:
+    cfg = stream.config(
+        steps=150,
+        chunk=1,
+        head_lr=5e-3,
+        lr=2e-3,
+        log_every=10,
+        schedule="constant",
+        model=PolicyConfig(hidden_sizes=(128,)),
+    )
+    run_train_task(cfg, out=tmp_path / "fit")
+    records = [json.loads(x) for x in (tmp_path / "fit" / METRICS_LOG_NAME).read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] / 3, losses
+
+
+def test_zero_loss_guard_names_the_terms_and_groups(stream: Stream, tmp_path: Path) -> None:
+    cfg = stream.config(model=PolicyConfig(hidden_sizes=(64,), masked_action_dims=(0, 1, 2)))
+    with pytest.raises(TrainingError, match=r"l1=0.*trainable parameters: .*head\.\w+: [\d,]+") as info:
+        run_train_task(cfg, out=tmp_path / "zero")
+    assert "gradient" in str(info.value)
+    assert not (tmp_path / "zero").exists()
+
+
+class _NanPenalty(Algorithm):
+    def compute_penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        return torch.tensor(float("nan"))
+
+
+def test_nan_guard_skips_steps_then_stops(stream: Stream, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    register("nan-test")(_NanPenalty)
+    try:
+        cfg = stream.config(steps=10, cl="nan-test", nonfinite_steps=3)
+        with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row"):
+            run_train_task(cfg, out=tmp_path / "nan")
+    finally:
+        unregister("nan-test")
+    assert sum("not finite; the step is skipped" in r.message for r in caplog.records) == 3
+
+
+def test_prev_of_another_base_model_or_stats_is_refused(stream: Stream, tmp_path: Path) -> None:
+    from tests.train_factories import MICRO
+    from vlacl.config.ds_stats import DsStatsConfig
+    from vlacl.data.stats import run_ds_stats
+    from vlacl.models.tiny import save_tiny_model
+
+    first = tmp_path / "task0"
+    run_train_task(stream.config(steps=1), out=first)
+    other_model = save_tiny_model(tmp_path / "other-model", MICRO, seed=1)
+    with pytest.raises(ArtifactError, match=r"trained on base model .*but --model is .*other-model"):
+        run_train_task(stream.config(task="#1", model_path=str(other_model)), out=tmp_path / "t1", prev=first)
+    other_stats = tmp_path / "other-stats"
+    run_ds_stats([stream.data], DsStatsConfig(image_frames=16, norm_mode="min_max"), out=other_stats)
+    with pytest.raises(ArtifactError, match=r"trained with stats \w{12}, but --stats has fingerprint \w{12}"):
+        run_train_task(stream.config(task="#1", stats=other_stats), out=tmp_path / "t1", prev=first)
+
+
+@pytest.mark.parametrize(("mode", "stack"), [("stack", 2), ("shared", 1)])
+def test_prev_chains_task0_to_task1(stream: Stream, tmp_path: Path, mode: str, stack: int) -> None:
+    adapter = AdapterConfig(rank=4, dropout=0.0, mode=mode)  # type: ignore[arg-type]
+    run_train_task(stream.config(steps=1, adapter=adapter), out=tmp_path / "t0")
+    run_train_task(stream.config(steps=1, adapter=adapter, task="#1"), out=tmp_path / "t1", prev=tmp_path / "t0")
+    art = open_artifact(tmp_path / "t1", "task_checkpoint", verify=True)
+    assert len(art.manifest.details["adapter_stack"]) == stack
+    assert art.manifest.details["task_index"] == 1
+    assert "prev" in {i.role for i in art.manifest.inputs}
+    assert len([p for p in (tmp_path / "t1" / ADAPTERS_DIR).iterdir() if p.is_dir()]) == stack
+
+
+def test_merge_lora_and_inspect_ckpt_read_what_train_task_wrote(stream: Stream, tmp_path: Path) -> None:
+    from vlacl.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, [*stream.args("--steps", "2", "--out", str(tmp_path / "ck"))])
+    assert result.exit_code == 0, result.output
+    inspect = runner.invoke(app, ["inspect-ckpt", str(tmp_path / "ck"), "--verify", "--json"])
+    assert inspect.exit_code == 0, inspect.output
+    report = json.loads(inspect.stdout)
+    assert report["kind"] == "task_checkpoint"
+    merged = runner.invoke(
+        app, ["merge-lora", str(tmp_path / "ck"), "--out", str(tmp_path / "merged")]
+    )  # the base model comes from the checkpoint's manifest
+    assert merged.exit_code == 0, merged.output
+    assert open_artifact(tmp_path / "merged", "merged_model").manifest.kind == "merged_model"
+
+
+class _LoraGradSpy(Algorithm):
+    seen: ClassVar[list[bool]] = []
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        grads = [p.grad is not None for n, p in model.named_parameters() if "lora_" in n]
+        _LoraGradSpy.seen.append(any(grads))
+
+
+def test_two_stage_trains_the_head_alone_first(stream: Stream, tmp_path: Path) -> None:
+    register("lora-grad-spy")(_LoraGradSpy)
+    _LoraGradSpy.seen = []
+    try:
+        cfg = stream.config(steps=4, two_stage=True, stage1_steps=2, cl="lora-grad-spy")
+        run_train_task(cfg, out=tmp_path / "two")
+    finally:
+        unregister("lora-grad-spy")
+    assert _LoraGradSpy.seen == [False, False, True, True]
+
+
+def test_smoke_runs_a_few_steps(stream: Stream, tmp_path: Path) -> None:
+    result = run_train_task(stream.config(steps=None, smoke=True), out=tmp_path / "smoke")
+    assert result.steps == SMOKE_STEPS
+    assert result.val_loss is not None
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(
+    stream: Stream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match=r"--tensorboard needs the tensorboard package.*pip install tensorboard"):
+        run_train_task(stream.config(steps=1, tensorboard=True), out=tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()
+
+
+def test_keep_best_and_epochs(stream: Stream, tmp_path: Path) -> None:
+    result = run_train_task(stream.config(steps=None, epochs=2, keep_best=True, val_every=1), out=tmp_path / "best")
+    assert result.steps == 2 * (36 // 8)
+    best = tmp_path / "best" / "best"
+    assert (best / ACTION_HEAD_NAME).is_file()
+    assert (best / ADAPTERS_DIR / "shared" / ADAPTER_WEIGHTS_NAME).is_file()
+    vals = [json.loads(x) for x in (tmp_path / "best" / METRICS_LOG_NAME).read_text().splitlines()]
+    vals = [r["val_loss"] for r in vals if "val_loss" in r]
+    assert len(vals) == result.steps
+    assert result.best_val_loss == min(vals)
+
+
+class _OutOfMemory(Algorithm):
+    def compute_penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_names_the_settings_that_drive_memory(stream: Stream, tmp_path: Path) -> None:
+    register("oom-test")(_OutOfMemory)
+    try:
+        with pytest.raises(TrainingError) as info:
+            run_train_task(stream.config(cl="oom-test", batch_size=8), out=tmp_path / "oom")
+    finally:
+        unregister("oom-test")
+    message = str(info.value)
+    assert message.startswith("out of device memory while training (CUDA out of memory.")
+    for setting in ("--batch-size=8", "--chunk=4", "--history=1", "precision=no", "--activation-checkpointing=False"):
+        assert setting in message
+    assert "raise --grad-accum" in message
+    assert not (tmp_path / "oom").exists()

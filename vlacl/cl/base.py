@@ -1,0 +1,235 @@
+"""The continual-learning hook protocol, the task context the hooks see, and the explicit registry.
+
+A CL algorithm (replay, regularization, ...) is a class registered under a name with
+:func:`register`; ``vlacl train-task --cl NAME`` builds it with :func:`get_algorithm` and the loop
+calls its hooks. An algorithm overrides only the hooks it needs; :class:`Algorithm` gives no-op
+defaults for all of them.
+
+Call order in ``train-task`` (one process trains one task)::
+
+    algo = get_algorithm(name, options)
+    algo.load_state_dict(state)        # the previous task's CL state (--prev), if it saved one,
+                                       # or the mid-task state (--resume), which replaces it
+    algo.on_task_start(ctx)            # once; model, optimizer and data are ready; ctx.resumed
+                                       # tells a resumed run from a fresh one
+    for each optimizer step:
+        for each of the --grad-accum micro-batches:
+            algo.observe(batch, task)              # the task's own batch, as the loader gave it
+            batch = algo.modify_batch(batch, task) # e.g. add replayed samples
+            out = model(batch)                     # PolicyOutput
+            penalty = algo.compute_penalty(model)  # a scalar tensor or None (e.g. EWC)
+            backward(out.loss + penalty)
+            algo.after_backward(model)             # gradients of this micro-batch are accumulated
+        clip gradients; optimizer step; scheduler step; zero gradients
+        (every --save-every steps, and on SIGTERM/SIGUSR1: algo.state_dict() in the resume state)
+    algo.on_task_end(ctx)              # once, after the last step, before the checkpoint is written
+    algo.state_dict()                  # saved in the checkpoint: cl_state.safetensors + cl_state.json
+
+``task`` is the position of the task in the stream (an ``int``). Batches are the collated batches of
+:meth:`vlacl.models.policy.Policy.collate` on the accelerator's device (see :mod:`vlacl.models.base`
+for their keys, including ``episode_index`` and ``frame_index``). A state dict maps names to
+tensors (saved in ``cl_state.safetensors``) or to JSON values (saved in ``cl_state.json``).
+
+Gradient access should go through the parameters (``p.grad`` in ``after_backward``, or parameter
+hooks registered in ``on_task_start``) so that it works under DDP and ZeRO alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from vlacl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One training sample by reference: which dataset, which episode, which frame.
+
+    Attributes:
+        dataset_fingerprint: :func:`vlacl.data.episode.dataset_fingerprint` of its dataset.
+        episode: The episode's ``episode_index`` in that dataset.
+        frame: The frame (the sample's current observation) within the episode.
+    """
+
+    dataset_fingerprint: str
+    episode: int
+    frame: int
+
+
+@dataclass
+class TaskContext:
+    """What the hooks of a CL algorithm see of the run.
+
+    Attributes:
+        accelerator: The ``accelerate.Accelerator`` (device, process index, gather, ...).
+        model: The policy being trained (wrapped by the accelerator; ``accelerator.unwrap_model``
+            gives the :class:`~vlacl.models.policy.Policy`).
+        task: The task's position in the stream (0-based).
+        task_key: The task's key in the stream (``task_index`` as text, or a sub-dataset name).
+        task_name: The task's instruction, or its key.
+        stream_name: The name of the stream (``--stream-name``).
+        num_tasks: How many tasks the stream has.
+        train_dataset: The task's training samples (a :class:`~vlacl.data.windows.WindowedDataset`).
+        dataset_fingerprints: Fingerprint of each dataset the stream is built from, in order.
+        train_fingerprint: sha256 identifying the task's training samples (datasets, episodes, window).
+        prev_checkpoint: The previous task's checkpoint directory (``--prev``), or ``None``.
+        out_dir: The checkpoint directory this run writes (``--out``); the artifact is written after
+            :meth:`CLAlgorithm.on_task_end`, so hooks keep their results in their state dict.
+        resumed: Whether the run continues from a mid-task resume state.
+        config: The algorithm's options (``cl_options`` of the config).
+        make_loader: ``make_loader(refs, batch_size, seed)`` -> an iterable of collated batches (on
+            the accelerator's device) of the samples ``refs``, for replay or Fisher estimates.
+        collate_refs: ``collate_refs(refs)`` -> one collated batch of the samples ``refs``, on the device.
+        sample_refs: ``sample_refs(indices)`` -> the :class:`SampleRef` of training samples by index.
+    """
+
+    accelerator: Any
+    model: torch.nn.Module
+    task: int
+    task_key: str
+    task_name: str
+    stream_name: str
+    num_tasks: int
+    train_dataset: Any
+    dataset_fingerprints: tuple[str, ...]
+    train_fingerprint: str
+    prev_checkpoint: Path | None
+    out_dir: Path
+    resumed: bool = False
+    config: Mapping[str, Any] = field(default_factory=dict)
+    make_loader: Callable[[Sequence[SampleRef], int, int], Any] | None = None
+    collate_refs: Callable[[Sequence[SampleRef]], dict[str, Any]] | None = None
+    sample_refs: Callable[[Sequence[int]], list[SampleRef]] | None = None
+
+
+@runtime_checkable
+class CLAlgorithm(Protocol):
+    """The hooks a continual-learning algorithm implements (see the module docstring for the order)."""
+
+    name: str
+
+    def on_task_start(self, ctx: TaskContext) -> None:
+        """Once before the first step of the task."""
+        ...
+
+    def observe(self, batch: dict[str, Any], task: int) -> None:
+        """See the task's batch before it is modified (e.g. to fill a replay buffer)."""
+        ...
+
+    def modify_batch(self, batch: dict[str, Any], task: int) -> dict[str, Any]:
+        """Return the batch the model trains on (e.g. with replayed samples added)."""
+        ...
+
+    def compute_penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """A scalar added to the loss (e.g. EWC's), or ``None``."""
+        ...
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """After each micro-batch's backward pass, before clipping and the optimizer step."""
+        ...
+
+    def on_task_end(self, ctx: TaskContext) -> None:
+        """Once after the last step, before the checkpoint is written."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Name -> tensor or JSON value; travels in the task checkpoint and the resume state."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+
+class Algorithm:
+    """No-op defaults of every hook; subclass it and override what the algorithm needs."""
+
+    name = "base"
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        """Keep the algorithm's options."""
+        self.config: dict[str, Any] = dict(config or {})
+
+    def on_task_start(self, ctx: TaskContext) -> None:
+        """Nothing by default."""
+
+    def observe(self, batch: dict[str, Any], task: int) -> None:
+        """Nothing by default."""
+
+    def modify_batch(self, batch: dict[str, Any], task: int) -> dict[str, Any]:
+        """The batch unchanged by default."""
+        return batch
+
+    def compute_penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """No penalty by default."""
+        return None
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """Nothing by default."""
+
+    def on_task_end(self, ctx: TaskContext) -> None:
+        """Nothing by default."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """No state by default."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore by default."""
+
+
+A = TypeVar("A")
+_REGISTRY: dict[str, Callable[[Mapping[str, Any]], CLAlgorithm]] = {}
+
+
+def register(name: str) -> Callable[[A], A]:
+    """Class decorator registering a CL algorithm under ``name`` (what ``--cl`` takes).
+
+    The class is called with the algorithm's options (a mapping) to build it.
+
+    Raises:
+        ValueError: ``name`` is already registered (two algorithms may not share a name).
+    """
+
+    def decorate(cls: A) -> A:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"CL algorithm {name!r} is already registered")
+        _REGISTRY[name] = cls  # type: ignore[assignment]
+        return cls
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    """Remove ``name`` from the registry (tests register spies and remove them)."""
+    _REGISTRY.pop(name, None)
+
+
+def available() -> list[str]:
+    """The registered names, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_algorithm(name: str, config: Mapping[str, Any] | None = None) -> CLAlgorithm:
+    """Build the algorithm registered as ``name`` with its options.
+
+    Raises:
+        ConfigError: No algorithm has that name (the message lists the registered ones).
+    """
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown CL algorithm {name!r} (--cl): registered ones are {', '.join(sorted(_REGISTRY))}")
+    algo = _REGISTRY[name](dict(config or {}))
+    algo.name = name
+    return algo
+
+
+def _load_builtin() -> None:
+    """Import the built-in algorithms, each of which registers itself."""
+    import vlacl.cl.seq  # noqa: F401

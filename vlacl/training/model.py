@@ -1,0 +1,114 @@
+"""The policy of one task: backbone (with adapters from ``--prev``) + action head, and how its weights are saved."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlacl.artifacts.names import ACTION_HEAD_NAME
+from vlacl.config.train_task import TrainTaskConfig
+from vlacl.data.features import ACTION, STATE, role_of
+from vlacl.data.normalize import StatsFile
+from vlacl.training.data import TaskData
+
+log = logging.getLogger(__name__)
+
+HEAD_CONFIG_KEY = "head_config"
+"""Manifest details key of the head's config (what rebuilds the head around action_head.safetensors)."""
+
+
+@dataclass
+class BuiltModel:
+    """The policy and its adapter setup.
+
+    Attributes:
+        policy: The :class:`~vlacl.models.policy.Policy` (an ``nn.Module``).
+        setup: The :class:`~vlacl.adapters.lora.AdapterSetup` of the backbone.
+    """
+
+    policy: Any
+    setup: Any
+
+    def backbone_params(self) -> list[torch.nn.Parameter]:
+        """The backbone parameters this task trains (LoRA factors or fine-tuned weights)."""
+        from vlacl.adapters.lora import backbone_parameters
+
+        return backbone_parameters(self.setup)
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze the backbone's trainable parameters (stage 1 of --two-stage)."""
+        from vlacl.adapters.lora import set_backbone_trainable
+
+        set_backbone_trainable(self.setup, trainable)
+
+    def save_weights(self, policy: Any, directory: Any) -> dict[str, Any]:
+        """Write adapters (PEFT format), changed backbone weights and the head; return the manifest details."""
+        from vlacl.adapters.lora import save_adapters
+
+        details = dict(save_adapters(self.setup, directory))
+        head = {k: v.detach().cpu().contiguous() for k, v in policy.head_state_dict().items()}
+        save_file(head, str(directory / ACTION_HEAD_NAME), metadata={"format": "pt"})
+        details[HEAD_CONFIG_KEY] = policy.head_config()
+        return details
+
+
+def _dtype(mixed: str, device_type: str) -> torch.dtype | None:
+    """The frozen backbone's dtype: bf16/fp16 weights on a GPU with mixed precision, fp32 otherwise."""
+    if device_type == "cuda" and mixed == "bf16":
+        return torch.bfloat16
+    if device_type == "cuda" and mixed == "fp16":
+        return torch.float16
+    return None
+
+
+def build_model(
+    cfg: TrainTaskConfig, data: TaskData, stats: StatsFile, prev: Any, *, mixed: str, device_type: str = "cpu"
+) -> BuiltModel:
+    """Load the backbone, attach the adapters (continuing ``prev``), build the policy and load ``prev``'s head.
+
+    Trainable parameters are cast to fp32 whatever the backbone's dtype, so that the optimizer and
+    the fp16 loss scaler work on fp32 weights and gradients.
+    """
+    from vlacl.adapters.lora import attach, load_previous
+    from vlacl.models.load import load_backbone
+    from vlacl.models.policy import binary_action_dims, build_policy
+
+    torch.manual_seed(cfg.seed)
+    backbone = load_backbone(cfg.model_path, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(mixed, device_type))
+    previous = load_previous(prev.path) if prev is not None else None
+    setup = attach(backbone, cfg.adapter, task=data.task.key, task_index=data.task.position, previous=previous)
+    features = data.stream.datasets[0].features
+    cameras = [k for k in data.train.observation_keys if role_of(k) == "image"]
+    state_dim = int(features[STATE].shape[0]) if STATE in data.train.observation_keys else 0
+    binary, low, high = binary_action_dims(stats.data)
+    policy = build_policy(
+        cfg.model,
+        setup.backbone,
+        cameras=cameras,
+        state_dim=state_dim,
+        action_dim=int(features[ACTION].shape[0]),
+        history=cfg.history,
+        chunk=cfg.chunk,
+        binary_dims=binary,
+        binary_low=low,
+        binary_high=high,
+    )
+    if prev is not None:
+        policy.load_head_state_dict(load_file(str(prev.file(ACTION_HEAD_NAME))))
+    if cfg.activation_checkpointing:
+        enable = getattr(setup.base, "gradient_checkpointing_enable", None)
+        if enable is None:
+            log.warning(
+                "the %s backbone has no activation checkpointing; --activation-checkpointing is ignored",
+                backbone.family,
+            )
+        else:
+            enable()
+    for param in policy.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return BuiltModel(policy, setup)
