@@ -200,3 +200,49 @@ def test_aggregated_stats_equal_stats_of_the_whole() -> None:
         np.testing.assert_array_equal(merged[key], whole[key])
     np.testing.assert_allclose(merged["mean"], whole["mean"], rtol=1e-12)
     np.testing.assert_allclose(merged["std"], whole["std"], rtol=1e-12)
+
+
+def test_stats_have_lerobot_quantiles_and_typed_extremes(tmp_path: Path, truth: list[EpisodeTruth]) -> None:
+    root = tmp_path / "ds"
+    write(root, truth[:1])  # one episode: the aggregate is that episode's exact stats
+    stats = json.loads((root / "meta/stats.json").read_text())
+    levels = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
+    state = truth[0].state.astype(np.float64)
+    pixels = truth[0].images["corner"].reshape(-1, 3).astype(np.float64) / 255.0
+    for name, level in levels.items():
+        np.testing.assert_allclose(stats["observation.state"][name], np.quantile(state, level, axis=0), rtol=1e-12)
+        np.testing.assert_allclose(
+            np.ravel(stats["observation.images.corner"][name]), np.quantile(pixels, level, axis=0), rtol=1e-12
+        )
+        assert np.asarray(stats["observation.images.corner"][name]).shape == (3, 1, 1)
+    # Integer and bool features keep their dtype in min and max, as LeRobot writes them.
+    assert stats["frame_index"]["max"] == [truth[0].length - 1]
+    assert stats["next.success"]["min"] == [False]
+    assert stats["next.success"]["max"] == [True]
+    episodes = pq.read_schema(root / "meta/episodes/chunk-000/file-000.parquet")
+    assert episodes.field("stats/index/min").type == pa.list_(pa.int64())
+    assert episodes.field("stats/next.success/max").type == pa.list_(pa.bool_())
+    assert episodes.field("stats/action/q99").type == pa.list_(pa.float64())
+
+
+def test_data_files_carry_the_datasets_features(tmp_path: Path, truth: list[EpisodeTruth]) -> None:
+    root = tmp_path / "ds"
+    write(root, truth[:2])
+    meta = pq.read_schema(root / "data/chunk-000/file-000.parquet").metadata
+    features = json.loads(meta[b"huggingface"])["info"]["features"]
+    assert features["observation.images.corner"] == {"_type": "Image"}
+    assert features["observation.state"] == {
+        "feature": {"dtype": "float32", "_type": "Value"},
+        "length": 4,
+        "_type": "List",
+    }
+    assert features["next.success"] == {"dtype": "bool", "_type": "Value"}
+    assert list(features)[-5:] == ["timestamp", "frame_index", "episode_index", "index", "task_index"]
+
+
+def test_aggregated_quantiles_are_count_weighted_like_lerobot() -> None:
+    rng = np.random.default_rng(4)
+    parts = [rng.normal(size=(n, 2)) for n in (3, 9)]
+    merged = aggregate_stats([numeric_stats(p) for p in parts])
+    expected = (3 * np.quantile(parts[0], 0.9, axis=0) + 9 * np.quantile(parts[1], 0.9, axis=0)) / 12
+    np.testing.assert_allclose(merged["q90"], expected, rtol=1e-12)

@@ -18,6 +18,8 @@ from vlacl.config.collect_demos import CollectDemosConfig
 from vlacl.config.core import help_for, resolve_config
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from vlacl.sim.collect import CollectReport, ProgressFn, TaskProgress
 
 log = logging.getLogger(__name__)
@@ -124,32 +126,44 @@ def _progress() -> Iterator[ProgressFn | None]:
         yield update
 
 
-def print_report(report: CollectReport) -> None:
-    """Print each task's expert success rate and what was kept, then the dataset's totals."""
+def print_report(report: CollectReport, console: Console | None = None) -> None:
+    """Print each task's expert success rate and what was kept, then the dataset's totals.
+
+    The instruction column is shown only where it fits on one line per task (the full instructions are in
+    the manifest and meta/tasks.parquet); numbers never wrap.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    stdout = Console(soft_wrap=True, file=sys.stdout)
+    stdout = console or Console(soft_wrap=True, file=sys.stdout)
     version = f" {report.simulator_version}" if report.simulator_version else ""
-    table = Table(title=f"Expert demonstrations of {report.stream} ({report.simulator}{version})", title_justify="left")
-    table.add_column("task", no_wrap=True)
-    table.add_column("instruction")
-    table.add_column("attempts", justify="right")
-    table.add_column("successes", justify="right")
-    table.add_column("success rate", justify="right")
-    table.add_column("episodes", justify="right")
-    table.add_column("frames", justify="right")
-    for task in report.tasks:
-        short = task.task in report.short_tasks
-        table.add_row(
+    rows = [
+        (
             task.task,
             task.instruction,
             str(task.attempts),
             str(task.successes),
             f"{task.success_rate:.0%}",
-            f"[red]{task.episodes}[/red]" if short else str(task.episodes),
+            str(task.episodes),
             str(task.frames),
         )
+        for task in report.tasks
+    ]
+    headers = ("task", "instruction", "attempts", "successes", "rate", "kept", "frames")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    with_instruction = sum(widths) + 3 * len(widths) + 1 <= stdout.width
+    table = Table(title=f"Expert demonstrations of {report.stream} ({report.simulator}{version})", title_justify="left")
+    for i, header in enumerate(headers):
+        if i == 1 and not with_instruction:
+            continue
+        table.add_column(header, no_wrap=True, justify="left" if i < 2 else "right")
+    for task, row in zip(report.tasks, rows, strict=True):
+        cells = list(row)
+        if task.task in report.short_tasks:
+            cells[5] = f"[red]{cells[5]}[/red]"
+        if not with_instruction:
+            del cells[1]
+        table.add_row(*cells)
     stdout.print(table)
     stdout.print(
         f"{report.episodes} episodes, {report.frames} frames at {report.fps} fps in {len(report.data_files)} data "
@@ -157,6 +171,12 @@ def print_report(report: CollectReport) -> None:
         highlight=False,
         markup=False,
     )
+    if not with_instruction:
+        stdout.print(
+            "instructions: meta/tasks.parquet, or the manifest's tasks[].instruction",
+            highlight=False,
+            markup=False,
+        )
     if report.short_tasks:
         stdout.print(
             f"fewer episodes than asked for: {', '.join(report.short_tasks)} (the expert failed too often)",
