@@ -31,10 +31,10 @@ from vlacl.data.keymap import KeyMap
 from vlacl.data.normalize import StatsFile
 from vlacl.data.windows import WindowSpec
 from vlacl.errors import ArtifactError, ConfigError
-from vlacl.models.policy import Policy
 from vlacl.training.checkpoint import METRICS_LOG_NAME
 from vlacl.training.guards import TrainingError
 from vlacl.training.loop import run_train_task
+from vlacl.training.policy_io import load_policy
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +43,6 @@ def stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stream]:
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the machine is shared
     yield make_stream(tmp_path_factory.mktemp("stream"))
     torch.set_num_threads(threads)
-
-
-def _restore_policy(ckpt: Path, model: Path) -> Policy:
-    from vlacl.adapters.lora import load_for_inference
-    from vlacl.models.load import load_backbone
-    from vlacl.models.policy import policy_from_head_config
-
-    details = open_artifact(ckpt, "task_checkpoint").manifest.details
-    setup = load_for_inference(load_backbone(str(model)), ckpt)
-    policy = policy_from_head_config(details["head_config"], setup.backbone)
-    policy.load_head_state_dict(load_file(str(ckpt / ACTION_HEAD_NAME)))
-    policy.train(False)
-    return policy
 
 
 def test_checkpoint_loads_back_to_the_same_predictions(stream: Stream, tmp_path: Path) -> None:
@@ -94,7 +81,13 @@ def test_checkpoint_loads_back_to_the_same_predictions(stream: Stream, tmp_path:
 
     trained = result.policy
     trained.train(False)
-    restored = _restore_policy(out, stream.model)
+    loaded = load_policy(out)
+    restored = loaded.policy
+    assert not restored.training
+    assert loaded.spec == _spec()
+    assert loaded.cameras == ("observation.images.front",)
+    assert loaded.active_adapters == ("shared",)
+    assert loaded.normalizer.keys == ["observation.state", "action"]
     from vlacl.training.data import build_task_data
 
     data = build_task_data(
@@ -284,3 +277,144 @@ def test_out_of_memory_names_the_settings_that_drive_memory(stream: Stream, tmp_
         assert setting in message
     assert "raise --grad-accum" in message
     assert not (tmp_path / "oom").exists()
+
+
+def test_load_policy_refuses_an_edited_checkpoint(stream: Stream, tmp_path: Path) -> None:
+    out = tmp_path / "ck"
+    run_train_task(stream.config(steps=1), out=out)
+    head = out / ACTION_HEAD_NAME
+    head.write_bytes(head.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_policy(out)
+
+
+# --cache-features ----------------------------------------------------------------------------
+
+
+def _cached(directory: Path) -> list[Path]:
+    return sorted(directory.glob("features-*.safetensors"))
+
+
+def test_cached_features_are_the_backbones_and_give_the_same_loss(stream: Stream, tmp_path: Path) -> None:
+    from torch.utils.data import default_collate
+
+    from vlacl.models.policy import FEATURES
+    from vlacl.training.features import FEATURES_TENSOR, FeatureDataset
+
+    cache = tmp_path / "cache"
+    cfg = stream.config(steps=2, two_stage=True, stage1_steps=2, cache_features=True, feature_cache=cache)
+    result = run_train_task(cfg, out=tmp_path / "stage1")
+    (file,) = _cached(cache)
+    features = load_file(str(file))[FEATURES_TENSOR]  # (N, W, D)
+    policy = result.policy.train(False)  # stage 1 only: the backbone is what the cache saw
+    from vlacl.training.data import build_task_data
+
+    data = build_task_data(
+        [stream.data], _stats(stream), keymap=_keymap(), task=0, spec=_spec(), split_seed=0, short="skip"
+    )
+    assert features.shape == (len(data.train), 1, 32)
+    rows = [0, 5, 17, len(data.train) - 1]
+    batch = policy.collate([data.train[i] for i in rows])
+    cached = FeatureDataset(data.train, features)
+    light = default_collate([cached[i] for i in rows])
+    assert not any(k.startswith("observation.images.") for k in light)
+    with torch.no_grad():
+        live = policy.backbone_features(batch)  # (B, W, D)
+        torch.testing.assert_close(features[rows], live, rtol=1e-5, atol=1e-6)
+        through_backbone = policy(batch).loss
+        from_cache = policy.loss_from_features(light[FEATURES], light).loss
+    torch.testing.assert_close(from_cache, through_backbone, rtol=1e-5, atol=1e-6)
+    art = open_artifact(tmp_path / "stage1", "task_checkpoint", verify=True)
+    assert art.manifest.details["steps"] == 2
+    assert not any("features" in p.name for p in (tmp_path / "stage1").rglob("*"))
+
+
+def test_training_from_the_cache_matches_training_through_the_backbone(stream: Stream, tmp_path: Path) -> None:
+    plain = run_train_task(stream.config(steps=3, two_stage=True, stage1_steps=2), out=tmp_path / "plain")
+    cached = run_train_task(
+        stream.config(steps=3, two_stage=True, stage1_steps=2, cache_features=True), out=tmp_path / "cached"
+    )
+    a, b = plain.policy.head_state_dict(), cached.policy.head_state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / ".cached.features").exists()  # the default cache goes with the run
+    lora = {n: p for n, p in cached.policy.named_parameters() if "lora_B" in n}
+    assert lora
+    assert all(p.abs().sum() > 0 for p in lora.values())
+
+
+def test_the_cache_is_reused_and_a_changed_model_invalidates_it(
+    stream: Stream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import shutil
+
+    from tests.train_factories import MICRO
+    from vlacl.models.tiny import save_tiny_model
+
+    caplog.set_level(logging.INFO, logger="vlacl.training.features")
+    cache = tmp_path / "cache"
+    model = tmp_path / "model"
+    shutil.copytree(stream.model, model)
+    cfg = stream.config(
+        steps=1, two_stage=True, stage1_steps=1, cache_features=True, feature_cache=cache, model_path=str(model)
+    )
+    run_train_task(cfg, out=tmp_path / "a")
+    (first,) = _cached(cache)
+    stamp = first.stat().st_mtime_ns
+    assert "feature cache: computed" in caplog.text
+    caplog.clear()
+    run_train_task(cfg, out=tmp_path / "b")
+    assert "feature cache: reusing" in caplog.text
+    assert _cached(cache) == [first]
+    assert first.stat().st_mtime_ns == stamp
+    caplog.clear()
+    save_tiny_model(model, MICRO, seed=1)  # other weights at the same path
+    run_train_task(cfg, out=tmp_path / "c", overwrite=True)
+    assert "feature cache: computed" in caplog.text
+    assert len(_cached(cache)) == 2
+    assert open_artifact(tmp_path / "c", "task_checkpoint", verify=True).manifest.details["steps"] == 1
+
+
+def test_cache_features_needs_two_stage() -> None:
+    from vlacl.config.train_task import TrainTaskConfig
+
+    with pytest.raises(ConfigError, match="--two-stage"):
+        TrainTaskConfig(cache_features=True)
+
+
+# Extra sensor streams --------------------------------------------------------------------------
+
+
+def test_an_extra_force_stream_reaches_the_policy_normalized(tmp_path: Path) -> None:
+    from tests.train_factories import FORCE
+
+    force = make_stream(tmp_path / "force", force_dim=3)
+    out = tmp_path / "ck"
+    result = run_train_task(force.config(steps=2), out=out)
+    policy = result.policy
+    assert policy.sensor_dims == {FORCE: 3}
+    assert len(policy.sensor_encoders) == 1
+    loaded = load_policy(out)
+    assert loaded.policy.sensor_dims == {FORCE: 3}
+    assert FORCE in loaded.observation_keys
+    assert loaded.keymap.extra == {FORCE: FORCE}
+    from vlacl.data.keymap import load_keymap
+    from vlacl.training.data import build_task_data
+
+    assert force.keymap is not None
+    data = build_task_data(
+        [force.data], _stats(force), keymap=load_keymap(force.keymap), task=0, spec=_spec(), short="skip"
+    )
+    assert FORCE in data.train.observation_keys
+    values = torch.stack([torch.as_tensor(data.train[i][FORCE]) for i in range(len(data.train))])  # (N, W, 3)
+    assert values.shape[1:] == (1, 3)
+    assert abs(float(values.mean())) < 0.5  # raw values are around 50: mean/std normalized
+    assert loaded.normalizer.mode(FORCE) == "mean_std"
+    batch = policy.collate([data.train[i] for i in range(4)])
+    with torch.no_grad():
+        a = policy.train(False).predict(batch)
+        moved = dict(batch)
+        moved[FORCE] = batch[FORCE] + 3.0
+        b = policy.predict(moved)
+    assert not torch.equal(a, b)  # the force stream changes the actions

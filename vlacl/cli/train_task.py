@@ -119,6 +119,7 @@ def train_task(
     cache_features: Annotated[
         bool | None, _opt("--cache-features/--no-cache-features", "cache_features", PANEL_OPTIM)
     ] = None,
+    feature_cache: Annotated[Path | None, _opt("--feature-cache", "feature_cache", PANEL_OPTIM)] = None,
     activation_checkpointing: Annotated[
         bool | None,
         _opt("--activation-checkpointing/--no-activation-checkpointing", "activation_checkpointing", PANEL_OPTIM),
@@ -192,6 +193,7 @@ def train_task(
             "two_stage": two_stage,
             "stage1_steps": stage1_steps,
             "cache_features": cache_features,
+            "feature_cache": feature_cache,
             "activation_checkpointing": activation_checkpointing,
             "seed": seed,
             "device": device,

@@ -100,6 +100,13 @@ class TrainTaskConfig:
         "Stage 1 computes the frozen backbone's features once and trains the head on them from disk.",
         flag="--cache-features",
     )
+    feature_cache: Path | None = setting(
+        None,
+        "Directory of the --cache-features files, kept and shared between runs (each file is keyed by a "
+        "fingerprint of model, data, key map and window); none uses .<out name>.features next to --out, "
+        "removed once the checkpoint is written.",
+        flag="--feature-cache",
+    )
     activation_checkpointing: bool = setting(
         False,
         "Recompute the backbone's activations in the backward pass (less memory, ~30% slower).",
@@ -147,6 +154,8 @@ class TrainTaskConfig:
             raise invalid("grad_clip", f"must be >= 0, got {self.grad_clip}", TrainTaskConfig)
         if self.cache_features and not self.two_stage:
             raise invalid("cache_features", "needs --two-stage (it caches stage 1's features)", TrainTaskConfig)
+        if self.feature_cache is not None and not self.cache_features:
+            raise invalid("feature_cache", "is the directory of --cache-features; pass that too", TrainTaskConfig)
 
     @property
     def task_selector(self) -> str | int:

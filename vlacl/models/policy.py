@@ -38,6 +38,8 @@ HEAD_CONFIG_VERSION: Final = 1
 ACTION_IS_PAD: Final = "action_is_pad"
 INSTRUCTION: Final = "instruction"
 BACKBONE_PREFIX: Final = "backbone."
+FEATURES: Final = "backbone_features"
+"""Batch key of precomputed backbone features ``(B, W, D)`` (a feature cache); with it the backbone does not run."""
 
 
 def conditioning_width(
@@ -159,25 +161,44 @@ class Policy(nn.Module):
     # Model --------------------------------------------------------------------------------------
 
     def conditioning(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The per-frame conditioning ``(B, W, C)`` of a collated batch."""
+        """The per-frame conditioning ``(B, W, C)`` of a collated batch.
+
+        A batch that carries precomputed backbone features under :data:`FEATURES` (``(B, W, D)``,
+        e.g. from a feature cache) skips the backbone.
+        """
+        features = batch.get(FEATURES)
+        if features is None:
+            features = self.backbone_features(batch)  # (B, W, D)
+        return self.conditioning_from_features(features, batch)
+
+    def backbone_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The backbone's feature of every frame ``(B, W, D)``, float32, of a collated batch."""
         inputs = batch.get(BACKBONE_INPUTS)
         if inputs is None:
             inputs = self._prepare_now(batch)
-        state = batch.get(STATE) if self.state_dim > 0 else None
-        if self.state_dim > 0 and state is None:
-            raise InputFormatError(
-                f"the batch has no {STATE!r}; the policy was built with a {self.state_dim}-dim state"
-            )
+        state = self._state(batch)
         b = self._batch_size(batch, state)
-        w = self.history
-        if state is not None and state.shape[1:] != (w, self.state_dim):
-            raise InputFormatError(
-                f"{STATE} has shape {tuple(state.shape)}, the policy expects (B, {w}, {self.state_dim})"
-            )
         backbone_state = state.flatten(0, 1) if state is not None and self.backbone.takes_state else None  # (B*W, S)
         feats = cast("nn.Module", self.backbone)(inputs, state=backbone_state)  # (B*W, D)
+        out: torch.Tensor = feats.float().view(b, self.history, -1)  # (B, W, D)
+        return out
+
+    def conditioning_from_features(self, features: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The conditioning ``(B, W, C)`` from backbone features ``(B, W, D)``: only the state and sensor parts run.
+
+        Raises:
+            InputFormatError: Features of another shape, or a batch without the state or a sensor stream.
+        """
+        state = self._state(batch)
+        b = self._batch_size(batch, state)
+        w = self.history
+        if features.shape != (b, w, self.backbone.hidden_size):
+            raise InputFormatError(
+                f"backbone features have shape {tuple(features.shape)}, the policy expects "
+                f"({b}, {w}, {self.backbone.hidden_size}): they were computed for another backbone or window"
+            )
         dtype = self._head_dtype()
-        parts = [feats.to(dtype).view(b, w, -1)]  # (B, W, D)
+        parts = [features.to(dtype)]  # (B, W, D)
         if self.state_proj is not None and state is not None:
             parts.append(self.state_proj(state.to(dtype)))  # (B, W, state_width)
         for key, encoder in zip(self.sensor_keys, self.sensor_encoders, strict=True):
@@ -186,6 +207,25 @@ class Policy(nn.Module):
             enc = encoder(batch[key].to(dtype))  # (B, E)
             parts.append(enc[:, None, :].expand(b, w, enc.shape[-1]))  # (B, W, E)
         return torch.cat(parts, dim=-1)  # (B, W, C)
+
+    def loss_from_features(self, features: torch.Tensor, batch: Mapping[str, Any]) -> PolicyOutput:
+        """The training loss of ``batch`` from precomputed backbone features ``(B, W, D)``: the backbone does not run.
+
+        Equal to ``self(batch)`` where ``features`` are :meth:`backbone_features` of the batch.
+        """
+        return cast("PolicyOutput", self({**batch, FEATURES: features}))
+
+    def _state(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        state = batch.get(STATE) if self.state_dim > 0 else None
+        if self.state_dim > 0 and state is None:
+            raise InputFormatError(
+                f"the batch has no {STATE!r}; the policy was built with a {self.state_dim}-dim state"
+            )
+        if state is not None and state.shape[1:] != (self.history, self.state_dim):
+            raise InputFormatError(
+                f"{STATE} has shape {tuple(state.shape)}, the policy expects (B, {self.history}, {self.state_dim})"
+            )
+        return state
 
     def loss_mask(self, batch: Mapping[str, Any], target: torch.Tensor) -> torch.Tensor:
         """``(B, K, A)``: 1 where a target value counts (not a padded step, not a masked dimension)."""
@@ -225,7 +265,7 @@ class Policy(nn.Module):
     def _batch_size(self, batch: Mapping[str, Any], state: torch.Tensor | None) -> int:
         if state is not None:
             return int(state.shape[0])
-        for key in (ACTION, *(image_key(c) for c in self.cameras), *self.sensor_keys):
+        for key in (ACTION, FEATURES, *(image_key(c) for c in self.cameras), *self.sensor_keys):
             if key in batch:
                 return int(batch[key].shape[0])
         inputs = batch.get(BACKBONE_INPUTS)

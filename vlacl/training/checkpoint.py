@@ -60,6 +60,12 @@ def resume_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.resume"
 
 
+def feature_cache_dir(out: Path) -> Path:
+    """``<out parent>/.<out name>.features``: the default directory of ``--cache-features`` files of ``--out``."""
+    out = Path(os.path.abspath(out))  # noqa: PTH100
+    return out.parent / f".{out.name}.features"
+
+
 def save_cl_state(state: Mapping[str, Any], directory: Path) -> None:
     """Tensors to ``cl_state.safetensors``, everything else to ``cl_state.json`` (both always written)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}

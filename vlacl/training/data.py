@@ -24,6 +24,7 @@ from vlacl.data.keymap import KeyMap
 from vlacl.data.normalize import Normalizer, StatsFile
 from vlacl.data.stream import PartitionMode, StreamTask, TaskStream
 from vlacl.data.windows import ShortEpisodes, WindowedDataset, WindowSpec
+from vlacl.errors import InputFormatError
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,49 @@ class ResumableSampler(Sampler[int]):
         return self.n - self.start
 
 
-def observation_keys(datasets: Sequence[EpisodeDataset]) -> list[str]:
-    """The state and camera keys every dataset has, in the first dataset's order."""
+def observation_keys(datasets: Sequence[EpisodeDataset], keymap: KeyMap | None = None) -> list[str]:
+    """The state, camera and extra sensor keys every dataset has, in the first dataset's order.
+
+    Extra sensor streams are the key map's ``extra`` names (``observation.force``, ...); a stream
+    that some dataset lacks is refused rather than dropped, since the policy would be built without it.
+
+    Raises:
+        InputFormatError: An extra stream of the key map that a dataset does not have.
+    """
     first = datasets[0].features
     keys = [k for k in first if role_of(k) in ("state", "image")]
-    return [k for k in keys if all(k in d.features for d in datasets)]
+    keys = [k for k in keys if all(k in d.features for d in datasets)]
+    for name in sensor_keys(keymap):
+        missing = [str(d.root) for d in datasets if name not in d.features]
+        if missing:
+            raise InputFormatError(
+                f"key map extra stream {name!r} is missing from dataset(s) {', '.join(missing)}: give every dataset "
+                "the column, or drop it from the key map's extra"
+            )
+        keys.append(name)
+    return keys
+
+
+def sensor_keys(keymap: KeyMap | None) -> list[str]:
+    """The extra sensor streams of a key map (its ``extra`` names, in order)."""
+    return list((keymap.extra or {}) if keymap is not None else {})
+
+
+def task_normalizer(stats: StatsFile, keys: Sequence[str]) -> Normalizer:
+    """The normalizer of a task's non-image observation keys and the action.
+
+    Extra sensor streams are normalized as the stats say (``norm_mode``; ``none`` unless ds-stats
+    was told otherwise); a stream the stats do not describe passes through unchanged.
+    """
+    wanted = [k for k in (*keys, ACTION) if role_of(k) != "image"]
+    features = dict(stats.features)
+    absent = [k for k in wanted if k not in features and role_of(k) == "other"]
+    if not absent:
+        return Normalizer.from_stats(stats, keys=wanted)
+    for key in absent:
+        log.warning("the stats at %s do not describe %s: it is not normalized", stats.source, key)
+    data = {**stats.data, "features": {**features, **{k: {"norm_mode": "none"} for k in absent}}}
+    return Normalizer.from_stats(data, keys=wanted)
 
 
 def train_fingerprint(datasets: Sequence[EpisodeDataset], task: StreamTask, spec: WindowSpec) -> str:
@@ -135,8 +174,8 @@ def build_task_data(
     check_stats_match(stats, datasets, keymap)
     stream = build_stream(datasets, partition=partition, order=order, val_fraction=val_fraction, seed=split_seed)
     chosen = stream.task(task)
-    keys = observation_keys(datasets)
-    normalizer = Normalizer.from_stats(stats, keys=[k for k in (*keys, ACTION) if role_of(k) != "image"])
+    keys = observation_keys(datasets, keymap)
+    normalizer = task_normalizer(stats, keys)
     train = WindowedDataset(
         stream.episodes(chosen.train), spec, observation_keys=keys, normalizer=normalizer, short=short
     )

@@ -37,6 +37,7 @@ from vlacl.cl.base import CLAlgorithm, SampleRef, TaskContext, get_algorithm
 from vlacl.config.core import config_to_dict, dump_config
 from vlacl.config.train_task import SMOKE_STEPS, SMOKE_VAL_BATCHES, TrainTaskConfig
 from vlacl.errors import ArtifactError, ConfigError, VlaclError
+from vlacl.models.policy import FEATURES
 from vlacl.training import checkpoint as ckpt
 from vlacl.training.data import ResumableSampler, TaskData, build_task_data, make_loader
 from vlacl.training.guards import LossGuard, TrainingError, check_first_gradients, is_oom, oom_error
@@ -269,11 +270,6 @@ def run_train_task(
 
     if not cfg.datasets:
         raise ConfigError("no dataset given: pass --dataset PATH (repeatable)")
-    if cfg.cache_features:
-        raise ConfigError(
-            "--cache-features is not implemented yet: drop it (stage 1 of --two-stage then runs the frozen "
-            "backbone at every step)"
-        )
     if cfg.stats is None:
         raise ConfigError("no stats given: pass --stats DIR, a ds_stats artifact (`vlacl ds-stats DATASET --out DIR`)")
     out = Path(os.path.abspath(out))  # noqa: PTH100
@@ -314,6 +310,7 @@ def run_train_task(
         if prev_cl is not None and prev_artifact.manifest.details.get("cl_algorithm") == algo.name:
             algo.load_state_dict(prev_cl)
     trainer = _Trainer(cfg, accelerator, data, built, algo, out, rdir, prev, progress, stop)
+    trainer.stats_fingerprint = stats.fingerprint
     try:
         trainer.setup(resuming)
         trainer.train()
@@ -363,6 +360,9 @@ class _Trainer:
         self.guard = LossGuard(cfg.zero_loss_steps, cfg.nonfinite_steps)
         self.work = rdir.parent / f"{rdir.name}.live-{os.getpid()}"
         self.tb: Any = None
+        self.feature_loader: Any = None
+        self.stats_fingerprint = ""
+        self.features_reused: bool | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -442,10 +442,75 @@ class _Trainer:
             self.work.mkdir(parents=True)
         if resuming:
             self._restore()
+        if cfg.cache_features and self.step < cfg.stage1_steps:
+            self.feature_loader = self._feature_loader()
         self.ctx = self._context(resuming)
         if cfg.tensorboard and acc.is_main_process:
             self.tb = _tensorboard(self.work / ckpt.TENSORBOARD_DIR)
         self.algo.on_task_start(self.ctx)
+
+    @property
+    def feature_dir(self) -> Path:
+        """Where the --cache-features files go: --feature-cache, else next to --out."""
+        return self.cfg.feature_cache if self.cfg.feature_cache is not None else ckpt.feature_cache_dir(self.out)
+
+    def _feature_loader(self) -> Any:
+        """Stage 1's loader of samples with cached backbone features (computed on the main process, or reused)."""
+        from torch.utils.data import default_collate
+
+        from vlacl.training import features as fc
+
+        cfg, acc, data = self.cfg, self.acc, self.data
+        policy = self.built.policy
+        fingerprint = fc.cache_fingerprint(
+            policy.backbone,
+            train_fingerprint=data.fingerprint,
+            keymap_sha256=data.keymap.sha256(),
+            stats_fingerprint=self.stats_fingerprint,
+            cameras=policy.cameras,
+            history=cfg.history,
+            precision=f"{acc.device.type}:{acc.mixed_precision}",
+        )
+        path = fc.cache_file(Path(self.feature_dir), fingerprint)
+        n = len(data.train)
+
+        def compute() -> torch.Tensor:
+            loader = make_loader(
+                data.train,
+                batch_size=cfg.batch_size,
+                collate=policy.collate,
+                workers=cfg.workers,
+                drop_last=False,
+                pin_memory=acc.device.type == "cuda",
+                seed=cfg.seed,
+            )
+            return fc.compute_features(policy, iter(loader), n, acc.autocast, acc.device)
+
+        features: torch.Tensor | None = None
+        if acc.is_main_process:
+            features, self.features_reused = fc.load_or_compute(path, fingerprint, samples=n, compute=compute)
+            if cfg.feature_cache is None:
+                fc.remove_other_caches(path.parent, keep=path)
+        acc.wait_for_everyone()
+        if features is None:
+            features = fc.read_cache(path, fingerprint, n)
+            if features is None:
+                raise ArtifactError(f"the feature cache {path} written by the main process cannot be read here")
+        loader = make_loader(
+            fc.FeatureDataset(data.train, features),
+            batch_size=cfg.batch_size,
+            collate=default_collate,
+            workers=cfg.workers,
+            sampler=self.sampler,
+            drop_last=True,
+            pin_memory=acc.device.type == "cuda",
+            seed=cfg.seed,
+        )
+        return acc.prepare(loader)
+
+    def _from_cache(self) -> bool:
+        """Whether the next micro-batch comes from the feature cache (stage 1 of --cache-features)."""
+        return self.feature_loader is not None and self.step < self.cfg.stage1_steps
 
     def _context(self, resumed: bool) -> TaskContext:
         data = self.data
@@ -631,15 +696,26 @@ class _Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[Any]:
-        """Micro-batches forever, epoch after epoch, from the saved position on."""
+        """Micro-batches forever, epoch after epoch, from the saved position on.
+
+        Stage 1 of --cache-features reads the feature loader; at the switch to stage 2 the
+        iteration restarts at the same position with the full loader (same sampler, same order).
+        """
         world = self.acc.num_processes
         while True:
+            cached = self._from_cache()
+            loader = self.feature_loader if cached else self.loader
             self.sampler.seek(self.epoch, self.batches_in_epoch * self.cfg.batch_size * world)
-            for batch in self.loader:
+            switched = False
+            for batch in loader:
                 self.batches_in_epoch += 1
                 yield batch
-            self.epoch += 1
-            self.batches_in_epoch = 0
+                if self._from_cache() != cached:
+                    switched = True
+                    break
+            if not switched:
+                self.epoch += 1
+                self.batches_in_epoch = 0
 
     def train(self) -> None:
         cfg, acc = self.cfg, self.acc
@@ -666,6 +742,8 @@ class _Trainer:
                 batch = next(batches)
                 self.algo.observe(batch, self.ctx.task)
                 batch = self.algo.modify_batch(batch, self.ctx.task)
+                if FEATURES in batch:
+                    _check_cached_batch(batch, self.algo.name)
                 sync = micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(model):
                     output = model(batch)
@@ -868,6 +946,8 @@ class _Trainer:
             written = self.out
             shutil.rmtree(self.rdir, ignore_errors=True)
             shutil.rmtree(self.work, ignore_errors=True)
+            if self.cfg.feature_cache is None:
+                shutil.rmtree(ckpt.feature_cache_dir(self.out), ignore_errors=True)
             log.info("wrote task checkpoint %s (task %d %r, %d steps)", self.out, task.position, task.key, self.step)
         acc.wait_for_everyone()
         return TrainResult(
@@ -938,6 +1018,17 @@ class _RefDataset(torch.utils.data.Dataset[Any]):
     def __getitem__(self, index: int) -> Any:
         ds, frame = self.items[index]
         return ds[frame]
+
+
+def _check_cached_batch(batch: Mapping[str, Any], algorithm: str) -> None:
+    """Refuse a stage-1 batch whose rows lost their cached features (a CL algorithm that adds samples)."""
+    features = batch[FEATURES]
+    rows = _batch_size(batch)
+    if not isinstance(features, torch.Tensor) or int(features.shape[0]) != rows:
+        raise ConfigError(
+            f"--cache-features: the CL algorithm {algorithm!r} changed stage 1's batch to {rows} samples, but only "
+            "the task's own samples have cached features: drop --cache-features with this algorithm"
+        )
 
 
 def _remove_stale_live_dirs(rdir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,7 @@ def build_model(
     features = data.stream.datasets[0].features
     cameras = [k for k in data.train.observation_keys if role_of(k) == "image"]
     state_dim = int(features[STATE].shape[0]) if STATE in data.train.observation_keys else 0
+    sensor_dims = {k: math.prod(features[k].shape) for k in data.train.observation_keys if role_of(k) == "other"}
     binary, low, high = binary_action_dims(stats.data)
     policy = build_policy(
         cfg.model,
@@ -93,6 +95,7 @@ def build_model(
         action_dim=int(features[ACTION].shape[0]),
         history=cfg.history,
         chunk=cfg.chunk,
+        sensor_dims=sensor_dims,
         binary_dims=binary,
         binary_low=low,
         binary_high=high,
