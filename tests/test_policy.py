@@ -265,3 +265,13 @@ def test_binary_action_dims_from_stats() -> None:
     }
     assert binary_action_dims(stats) == ((1, 2), (0.0, -1.0), (1.0, 1.0))
     assert binary_action_dims({"features": {}}) == ((), (), ())
+
+
+def test_head_state_dict_is_the_policy_state_dict_without_the_backbone() -> None:
+    policy = tiny_policy(HEAD, binary_dims=[2])
+    want = {k: v for k, v in policy.state_dict().items() if not k.startswith("backbone.")}
+    got = policy.head_state_dict()
+    assert got.keys() == want.keys()
+    assert want
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key

@@ -223,6 +223,27 @@ def test_two_stage_trains_the_head_alone_first(stream: Stream, tmp_path: Path) -
     assert _LoraGradSpy.seen == [False, False, True, True]
 
 
+def test_off_a_terminal_each_log_step_is_one_plain_line(stream: Stream, tmp_path: Path) -> None:
+    from vlacl.cli.app import app
+
+    args = [*stream.args("--steps", "4", "--log-every", "2", "--val-every", "0", "--out", str(tmp_path / "ck"))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if " step " in line]
+    assert [line.split(" step ")[1].split()[0] for line in lines] == ["2/4", "4/4", "4/4"], lines
+    assert "loss" in lines[0]
+    assert "lr" in lines[0]
+    assert sum("val_loss" in line for line in lines) == 1
+
+
+def test_a_run_after_an_accelerator_of_other_settings_in_the_same_process(stream: Stream, tmp_path: Path) -> None:
+    from accelerate import Accelerator  # type: ignore[import-untyped]
+
+    Accelerator(mixed_precision="bf16", cpu=True)  # a caller's own, or an earlier run's, process-wide state
+    result = run_train_task(stream.config(steps=2), out=tmp_path / "after")
+    assert result.steps == 2
+
+
 def test_smoke_runs_a_few_steps(stream: Stream, tmp_path: Path) -> None:
     result = run_train_task(stream.config(steps=None, smoke=True), out=tmp_path / "smoke")
     assert result.steps == SMOKE_STEPS
@@ -418,3 +439,31 @@ def test_an_extra_force_stream_reaches_the_policy_normalized(tmp_path: Path) -> 
         moved[FORCE] = batch[FORCE] + 3.0
         b = policy.predict(moved)
     assert not torch.equal(a, b)  # the force stream changes the actions
+
+
+@pytest.mark.parametrize("finetune", ["lora", "last-n"])
+def test_weights_written_from_a_gathered_state_dict_equal_the_modules_own(
+    stream: Stream, tmp_path: Path, finetune: str
+) -> None:
+    """Under FSDP the checkpoint is written from the full state dict; the files must not differ."""
+    from vlacl.config.lora import AdapterConfig
+    from vlacl.training.data import build_task_data
+    from vlacl.training.model import build_model
+
+    cfg = stream.config(adapter=AdapterConfig(rank=4, dropout=0.0, finetune=finetune, last_n=1))
+    data = build_task_data(
+        [stream.data], _stats(stream), keymap=_keymap(), task=0, spec=_spec(), split_seed=0, short="skip"
+    )
+    built = build_model(cfg, data, _stats(stream), None, mixed="no")
+    with torch.no_grad():
+        for param in built.policy.parameters():
+            param.add_(torch.randn_like(param))  # B factors away from zero, so that no file is trivial
+    (tmp_path / "own").mkdir()
+    (tmp_path / "gathered").mkdir()
+    own = built.save_weights(built.policy, tmp_path / "own")
+    gathered = built.save_weights(built.policy, tmp_path / "gathered", dict(built.policy.state_dict()))
+    assert own == gathered
+    files = sorted(p.relative_to(tmp_path / "own") for p in (tmp_path / "own").rglob("*.safetensors"))
+    assert len(files) == 2
+    for rel in files:
+        assert (tmp_path / "own" / rel).read_bytes() == (tmp_path / "gathered" / rel).read_bytes(), rel

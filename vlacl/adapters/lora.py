@@ -681,13 +681,20 @@ def _untied(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_adapter(peft: PeftModel, name: str, directory: Path) -> None:
+def _write_adapter(
+    peft: PeftModel, name: str, directory: Path, full_state: Mapping[str, torch.Tensor] | None = None
+) -> None:
     """Write adapter ``name`` as PEFT's ``save_pretrained(..., selected_adapters=[name])`` does, without its README."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(peft, adapter_name=name, save_embedding_layers=False)
+    state = get_peft_model_state_dict(
+        peft,
+        state_dict=None if full_state is None else dict(full_state),
+        adapter_name=name,
+        save_embedding_layers=False,
+    )
     save_file(_untied(state), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     config = copy.deepcopy(peft.peft_config[name])
     base = peft.get_base_model()
@@ -700,12 +707,20 @@ def _write_adapter(peft: PeftModel, name: str, directory: Path) -> None:
     config.save_pretrained(str(directory), auto_mapping_dict=auto_mapping)
 
 
-def save_adapters(setup: AdapterSetup, out_dir: Path | str) -> dict[str, Any]:
+def save_adapters(
+    setup: AdapterSetup,
+    out_dir: Path | str,
+    *,
+    peft_state: Mapping[str, torch.Tensor] | None = None,
+    base_state: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Write the setup's adapters (and changed backbone weights) into a task checkpoint directory.
 
     Writes ``adapters/<name>/adapter_config.json`` and ``adapter_model.safetensors`` for every
     adapter of the stack, and ``backbone.safetensors`` where full or last-N fine-tuning changed
-    backbone weights. Call it on the main process with the unwrapped (not DDP/FSDP) setup.
+    backbone weights. Call it on the main process with the unwrapped (not DDP) setup. Under FSDP,
+    whose modules hold only shards, pass the gathered full tensors: ``peft_state`` named as in the
+    PEFT model's ``state_dict``, ``base_state`` as in the backbone's.
 
     Returns:
         The manifest details to record: ``adapter_stack``, ``adapter_mode``, ``adapter_tasks``,
@@ -719,10 +734,10 @@ def save_adapters(setup: AdapterSetup, out_dir: Path | str) -> dict[str, Any]:
     peft = setup.peft_model
     if peft is not None:
         for name in setup.stack:
-            _write_adapter(peft, name, out / ADAPTERS_DIR / name)
+            _write_adapter(peft, name, out / ADAPTERS_DIR / name, peft_state)
     weights = None
     if setup.changed:
-        params = dict(setup.base.named_parameters())
+        params = dict(base_state) if base_state is not None else dict(setup.base.named_parameters())
         save_file(
             _untied({name: params[name] for name in setup.changed}),
             str(out / BACKBONE_WEIGHTS_NAME),

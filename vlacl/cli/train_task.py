@@ -248,14 +248,20 @@ def _stop_on_signals(stop: StopFlag) -> Iterator[None]:
 
 @contextmanager
 def _progress() -> Iterator[Any]:
-    """A rich progress bar on stderr with loss, lr and samples/s; none off a terminal or with -q."""
+    """A rich progress bar on stderr with loss, lr and samples/s; off a terminal (SLURM logs), one log line per log step.
+
+    With ``-q`` neither.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
     from rich.progress import Progress as RichProgress
 
-    console = Console(stderr=True)
-    if not console.is_terminal or logging.getLogger("vlacl").getEffectiveLevel() > logging.INFO:
+    if logging.getLogger("vlacl").getEffectiveLevel() > logging.INFO:
         yield None
+        return
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield _log_metrics
         return
     with RichProgress(
         TextColumn("train"),
@@ -282,3 +288,22 @@ def _progress() -> Iterator[Any]:
             bar.update(handle, completed=event.step, total=event.total, info="  ".join(shown.values()))
 
         yield update
+
+
+def _log_metrics(event: Progress) -> None:
+    """One plain line per logged step and per validation, for logs read with grep."""
+    m = event.metrics
+    if not m:
+        return
+    if "loss" in m:
+        sps = m.get("samples_per_s")
+        log.info(
+            "step %d/%d loss %.4g lr %.2e samples/s %s",
+            event.step,
+            event.total,
+            m["loss"],
+            m["lr"],
+            f"{sps:.1f}" if sps else "-",
+        )
+    if "val_loss" in m:
+        log.info("step %d/%d val_loss %.4g", event.step, event.total, m["val_loss"])

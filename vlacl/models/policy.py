@@ -118,6 +118,8 @@ class Policy(nn.Module):
         self.register_buffer("dim_mask", dim_mask, persistent=False)
         self.dim_mask: torch.Tensor
         self.loss_weights = {"bce": config.bce_weight}
+        self._no_split_modules = sorted({type(block).__name__ for block in backbone.layer_modules()})
+        """Class names of the backbone's transformer blocks: FSDP's transformer-based auto wrap reads them."""
 
     @property
     def cond_dim(self) -> int:
@@ -282,8 +284,19 @@ class Policy(nn.Module):
     # Saving -------------------------------------------------------------------------------------
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the policy except the backbone's (for ``action_head.safetensors``), contiguous."""
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
+        """Every tensor of the policy except the backbone's (for ``action_head.safetensors``), contiguous.
+
+        Read child by child rather than through the policy's own ``state_dict``, whose hooks under FSDP2
+        would hand back sharded tensors once training has gathered them.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, child in self.named_children():
+            if f"{name}." == BACKBONE_PREFIX:
+                continue
+            out.update(child.state_dict(prefix=f"{name}."))
+        out.update(self._parameters)  # type: ignore[arg-type]
+        out.update({k: v for k, v in self._buffers.items() if k not in self._non_persistent_buffers_set})  # type: ignore[misc]
+        return {k: v.detach().contiguous() for k, v in out.items() if v is not None}
 
     def load_head_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "the head weights") -> None:
         """Load :meth:`head_state_dict`'s tensors; the backbone is left as it is.

@@ -147,10 +147,15 @@ def _device(cfg: TrainTaskConfig) -> str:
 
 def _make_accelerator(cfg: TrainTaskConfig) -> Any:
     from accelerate import Accelerator  # type: ignore[import-untyped]
+    from accelerate.state import AcceleratorState  # type: ignore[import-untyped]
     from accelerate.utils import DistributedDataParallelKwargs  # type: ignore[import-untyped]
 
     device = _device(cfg)
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=cfg.two_stage)]
+    # accelerate keeps its settings in a process-wide singleton: a second run in the same process
+    # (a library caller, a test) with another precision must start from a fresh one. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=_precision(cfg, device), cpu=device == "cpu", kwargs_handlers=kwargs)
 
 
@@ -894,6 +899,9 @@ class _Trainer:
 
         acc = self.acc
         acc.wait_for_everyone()
+        full_state = None
+        if self.sharded and str(acc.distributed_type).endswith("FSDP"):
+            full_state = _full_state_dict(acc.unwrap_model(self.model))
         details: dict[str, Any] = {}
         written: Path | None = None
         samples_per_s = self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
@@ -908,7 +916,7 @@ class _Trainer:
                 seed=self.cfg.seed,
                 overwrite=overwrite or self.out.exists(),
             ) as writer:
-                details.update(self.built.save_weights(policy, writer.path))
+                details.update(self.built.save_weights(policy, writer.path, full_state))
                 ckpt.save_cl_state(self.algo.state_dict(), writer.path)
                 shutil.copy2(Path(stats.source), writer.path / STATS_NAME)
                 (writer.path / KEYMAP_NAME).write_text(keymap.to_yaml(), encoding="utf-8")
@@ -1075,3 +1083,16 @@ __all__ = [
     "TrainResult",
     "run_train_task",
 ]
+
+
+def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2 model on the main process, on the CPU; empty elsewhere.
+
+    A collective: every process calls it once training is over, before the main process writes the
+    checkpoint from it (an FSDP module holds only its shards).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,15 +47,43 @@ class BuiltModel:
 
         set_backbone_trainable(self.setup, trainable)
 
-    def save_weights(self, policy: Any, directory: Any) -> dict[str, Any]:
-        """Write adapters (PEFT format), changed backbone weights and the head; return the manifest details."""
-        from vlacl.adapters.lora import save_adapters
+    def save_weights(
+        self, policy: Any, directory: Any, full_state: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Write adapters (PEFT format), changed backbone weights and the head; return the manifest details.
 
-        details = dict(save_adapters(self.setup, directory))
-        head = {k: v.detach().cpu().contiguous() for k, v in policy.head_state_dict().items()}
+        ``full_state`` is the policy's gathered full state dict under FSDP, whose modules hold only shards.
+        """
+        from vlacl.adapters.lora import save_adapters
+        from vlacl.models.policy import BACKBONE_PREFIX
+
+        if full_state is None:
+            details = dict(save_adapters(self.setup, directory))
+            head = {k: v.detach().cpu().contiguous() for k, v in policy.head_state_dict().items()}
+        else:
+            names = {id(module): name for name, module in policy.named_modules()}
+            details = dict(
+                save_adapters(
+                    self.setup,
+                    directory,
+                    peft_state=_under(full_state, names.get(id(self.setup.peft_model))),
+                    base_state=_under(full_state, names.get(id(self.setup.base))),
+                )
+            )
+            head = {
+                k: v.detach().cpu().contiguous() for k, v in full_state.items() if not k.startswith(BACKBONE_PREFIX)
+            }
         save_file(head, str(directory / ACTION_HEAD_NAME), metadata={"format": "pt"})
         details[HEAD_CONFIG_KEY] = policy.head_config()
         return details
+
+
+def _under(state: Mapping[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor] | None:
+    """The entries of ``state`` under module ``prefix``, named relative to it (``None`` without a module)."""
+    if prefix is None:
+        return None
+    head = f"{prefix}." if prefix else ""
+    return {k[len(head) :]: v for k, v in state.items() if k.startswith(head)}
 
 
 def _dtype(mixed: str, device_type: str) -> torch.dtype | None:
