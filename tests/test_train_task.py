@@ -24,7 +24,7 @@ from vlacl.artifacts.names import (
 )
 from vlacl.artifacts.reader import open_artifact
 from vlacl.cl.base import Algorithm, register, unregister
-from vlacl.config.lora import AdapterConfig
+from vlacl.config.lora import AdapterConfig, FinetuneMode
 from vlacl.config.policy import PolicyConfig
 from vlacl.config.train_task import SMOKE_STEPS
 from vlacl.data.keymap import KeyMap
@@ -238,7 +238,9 @@ def test_off_a_terminal_each_log_step_is_one_plain_line(stream: Stream, tmp_path
 
 def test_a_run_after_an_accelerator_of_other_settings_in_the_same_process(stream: Stream, tmp_path: Path) -> None:
     from accelerate import Accelerator  # type: ignore[import-untyped]
+    from accelerate.state import AcceleratorState  # type: ignore[import-untyped]
 
+    AcceleratorState._reset_state(reset_partial_state=False)
     Accelerator(mixed_precision="bf16", cpu=True)  # a caller's own, or an earlier run's, process-wide state
     result = run_train_task(stream.config(steps=2), out=tmp_path / "after")
     assert result.steps == 2
@@ -443,10 +445,9 @@ def test_an_extra_force_stream_reaches_the_policy_normalized(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("finetune", ["lora", "last-n"])
 def test_weights_written_from_a_gathered_state_dict_equal_the_modules_own(
-    stream: Stream, tmp_path: Path, finetune: str
+    stream: Stream, tmp_path: Path, finetune: FinetuneMode
 ) -> None:
     """Under FSDP the checkpoint is written from the full state dict; the files must not differ."""
-    from vlacl.config.lora import AdapterConfig
     from vlacl.training.data import build_task_data
     from vlacl.training.model import build_model
 

@@ -423,9 +423,15 @@ def _base_path(base: Path | None, sources: Sequence[AdapterSource]) -> Path:
             if candidate.is_dir():
                 log.info("base model %s, from task checkpoint %s", candidate, source.path)
                 return candidate
+            hint = (
+                " (write the built-in model as a directory first: python -c \"from vlacl.models.tiny import "
+                "save_tiny_model; save_tiny_model('models/tiny')\", then --base models/tiny)"
+                if named.startswith("builtin:")
+                else ""
+            )
             raise InputFormatError(
                 f"task checkpoint {source.path} was trained on {named!r}, which is not a model directory here: "
-                "pass the base model directory with --base"
+                f"pass the base model directory with --base{hint}"
             )
     raise InputFormatError(
         "no base model: pass the Hugging Face model directory the adapters were trained on with --base"

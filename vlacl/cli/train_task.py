@@ -248,9 +248,9 @@ def _stop_on_signals(stop: StopFlag) -> Iterator[None]:
 
 @contextmanager
 def _progress() -> Iterator[Any]:
-    """A rich progress bar on stderr with loss, lr and samples/s; off a terminal (SLURM logs), one log line per log step.
+    """A rich progress bar on stderr with loss, lr and samples/s.
 
-    With ``-q`` neither.
+    Off a terminal (a SLURM log), one plain log line per log step instead; with ``-q`` neither.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
