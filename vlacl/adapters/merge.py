@@ -424,7 +424,7 @@ def _base_path(base: Path | None, sources: Sequence[AdapterSource]) -> Path:
                 log.info("base model %s, from task checkpoint %s", candidate, source.path)
                 return candidate
             hint = (
-                " (write the built-in model as a directory first: python -c \"from vlacl.models.tiny import "
+                ' (write the built-in model as a directory first: python -c "from vlacl.models.tiny import '
                 "save_tiny_model; save_tiny_model('models/tiny')\", then --base models/tiny)"
                 if named.startswith("builtin:")
                 else ""
