@@ -13,8 +13,10 @@ Batches are the default-collated samples of :class:`vlacl.data.windows.WindowedD
 - ``action`` ``(B, K, A)`` float32, normalized; ``action_is_pad`` ``(B, K)``; ``observation_is_pad`` ``(B, W)``
 - ``instruction`` (list of ``B`` strings), ``task_index``, ``episode_index``, ``frame_index`` ``(B,)``
 
-plus, after :meth:`Backbone.prepare` ran in the DataLoader's collate function, ``backbone_inputs``:
-the backbone's own tensors for the ``N = B * W`` frames (token ids, pixel values, ...).
+After :meth:`Backbone.prepare` ran in the DataLoader's collate function
+(:meth:`vlacl.models.policy.Policy.collate`), the camera frames are replaced by ``backbone_inputs``:
+the backbone's own tensors for the ``N = B * W`` frames (token ids, pixel values, ...), so frames
+are not moved to the device twice.
 """
 
 from __future__ import annotations
