@@ -175,6 +175,38 @@ def test_prev_of_another_base_model_or_stats_is_refused(stream: Stream, tmp_path
         run_train_task(stream.config(task="#1", stats=other_stats), out=tmp_path / "t1", prev=first)
 
 
+class _StartSpy(Algorithm):
+    started = 0
+
+    def on_task_start(self, ctx: Any) -> None:
+        type(self).started += 1
+
+
+def test_prev_as_out_is_refused_before_training(stream: Stream, tmp_path: Path) -> None:
+    first = tmp_path / "task0"
+    run_train_task(stream.config(steps=1), out=first)
+    head = (first / ACTION_HEAD_NAME).read_bytes()
+    spy = _StartSpy()
+    with pytest.raises(ConfigError, match=r"--prev .* and --out .* overlap"):
+        run_train_task(stream.config(task="#1"), out=first, prev=first, overwrite=True, algorithm=spy)
+    assert _StartSpy.started == 0
+    assert (first / ACTION_HEAD_NAME).read_bytes() == head
+
+
+def test_a_failure_while_writing_leaves_no_live_directory(
+    stream: Stream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlacl.training import loop
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise ArtifactError("disk full")
+
+    monkeypatch.setattr(loop._Trainer, "_record_inputs", fail)
+    with pytest.raises(ArtifactError, match="disk full"):
+        run_train_task(stream.config(steps=1), out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("mode", "stack"), [("stack", 2), ("shared", 1)])
 def test_prev_chains_task0_to_task1(stream: Stream, tmp_path: Path, mode: str, stack: int) -> None:
     adapter = AdapterConfig(rank=4, dropout=0.0, mode=mode)  # type: ignore[arg-type]
@@ -468,3 +500,35 @@ def test_weights_written_from_a_gathered_state_dict_equal_the_modules_own(
     assert len(files) == 2
     for rel in files:
         assert (tmp_path / "own" / rel).read_bytes() == (tmp_path / "gathered" / rel).read_bytes(), rel
+
+
+def test_validation_episodes_shorter_than_a_window_leave_the_task_without_validation(tmp_path: Path) -> None:
+    from tests.lerobot_factories import make_episodes, write_lerobot
+    from vlacl.config.ds_stats import DsStatsConfig
+    from vlacl.data.keymap import load_keymap
+    from vlacl.data.normalize import load_stats
+    from vlacl.data.stats import run_ds_stats
+    from vlacl.training.data import build_task_data
+
+    # task 0 holds episodes of 20 and 6 frames; a window needs 11: the split decides whether validation can be read
+    truth = make_episodes([20, 20, 6, 6] * 3, ["a", "b"], cameras=["front"], image_size=(16, 16), seed=0)
+    data = write_lerobot(tmp_path / "data", truth, images="embedded")
+    run_ds_stats([data], DsStatsConfig(image_frames=16), out=tmp_path / "stats")
+    stats = load_stats(tmp_path / "stats")
+    without_val = 0
+    for seed in range(6):
+        built = build_task_data(
+            [data],
+            stats,
+            keymap=load_keymap(None),
+            task="#0",
+            spec=WindowSpec(history=1, chunk=10),
+            val_fraction=0.2,
+            split_seed=seed,
+        )
+        assert len(built.train) > 0
+        if built.val is None:
+            without_val += 1
+        else:
+            assert len(built.val) > 0
+    assert without_val > 0, "no split put only short episodes into validation: change the lengths"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,8 @@ import torch
 from tests.train_factories import Stream, make_stream
 from vlacl.artifacts.names import ACTION_HEAD_NAME, ADAPTER_WEIGHTS_NAME, ADAPTERS_DIR
 from vlacl.cl.base import Algorithm
-from vlacl.errors import ConfigError
-from vlacl.training.checkpoint import METRICS_LOG_NAME, STATE_NAME, resume_dir
+from vlacl.errors import ConfigError, OutputExistsError
+from vlacl.training.checkpoint import METRICS_LOG_NAME, STATE_NAME, resume_dir, resume_tmp
 from vlacl.training.loop import EXIT_PREEMPTED, PreemptedError, StopFlag, run_train_task
 
 STEPS = 20
@@ -150,6 +151,39 @@ def test_a_changed_setting_is_refused_on_resume(tmp_path: Path) -> None:
     assert result.steps == 4
 
 
+def test_a_changed_prev_is_refused_on_resume(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    stream = make_stream(tmp_path / "stream")
+    for name in ("a", "b"):
+        run_train_task(stream.config(steps=1), out=tmp_path / name)
+    flag = StopFlag()
+    flag.set(signal.SIGTERM)
+    with pytest.raises(PreemptedError):
+        run_train_task(stream.config(steps=4, task="#1"), out=tmp_path / "cut", prev=tmp_path / "a", stop=flag)
+    with pytest.raises(ConfigError, match=r"saved continuing from --prev .*a, this run continues from --prev .*b"):
+        run_train_task(stream.config(steps=4, task="#1"), out=tmp_path / "cut", prev=tmp_path / "b")
+    result = run_train_task(stream.config(steps=4, task="#1"), out=tmp_path / "cut", prev=tmp_path / "a")
+    assert result.steps == 4
+
+
+def test_a_resume_state_left_next_to_a_finished_checkpoint_does_not_replace_it(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    stream = make_stream(tmp_path / "stream")
+    out = tmp_path / "cut"
+    flag = StopFlag()
+    flag.set(signal.SIGTERM)
+    with pytest.raises(PreemptedError):
+        run_train_task(stream.config(steps=4), out=out, stop=flag)
+    stale = tmp_path / "stale"
+    shutil.copytree(resume_dir(out), stale)
+    run_train_task(stream.config(steps=4), out=out)
+    shutil.copytree(stale, resume_dir(out))  # a run killed between writing --out and removing its resume state
+    before = _weights(out)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_train_task(stream.config(steps=4), out=out)
+    assert _weights(out) == before
+
+
 def test_resume_inside_stage_one_of_two_stage(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     stream = make_stream(tmp_path / "stream")
@@ -162,3 +196,14 @@ def test_resume_inside_stage_one_of_two_stage(tmp_path: Path) -> None:
     run_train_task(cfg, out=tmp_path / "cut")
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_a_finished_run_removes_a_resume_save_cut_short(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    stream = make_stream(tmp_path / "stream")
+    out = tmp_path / "out"
+    cut = resume_tmp(resume_dir(out))  # what a SIGKILL during a save leaves
+    cut.mkdir()
+    (cut / "trainable.safetensors").write_bytes(b"partial")
+    run_train_task(stream.config(steps=2), out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stream"]

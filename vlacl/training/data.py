@@ -180,11 +180,23 @@ def build_task_data(
         stream.episodes(chosen.train), spec, observation_keys=keys, normalizer=normalizer, short=short
     )
     val_refs = chosen.val[:max_val_episodes] if max_val_episodes is not None else chosen.val
+    val_episodes = stream.episodes(val_refs)
+    if short == "skip" and val_episodes:
+        long_enough = [ep for ep in val_episodes if ep.length >= spec.min_length]
+        if not long_enough:
+            log.warning(
+                "task %d %r: every validation episode is shorter than %d frames (history %d + chunk %d): "
+                "training without validation",
+                chosen.position,
+                chosen.key,
+                spec.min_length,
+                spec.history,
+                spec.chunk,
+            )
+        val_episodes = long_enough
     val = None
-    if val_refs:
-        val = WindowedDataset(
-            stream.episodes(val_refs), spec, observation_keys=keys, normalizer=normalizer, short=short
-        )
+    if val_episodes:
+        val = WindowedDataset(val_episodes, spec, observation_keys=keys, normalizer=normalizer, short=short)
     log.info(
         "task %d %r: %d training samples from %d episodes, %d validation samples",
         chosen.position,

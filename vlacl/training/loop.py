@@ -282,8 +282,14 @@ def run_train_task(
     resuming = resume != "never" and (rdir / ckpt.STATE_NAME).is_file()
     if resume == "must" and not resuming:
         raise ArtifactError(f"--resume must: there is no resume state at {rdir} for --out {out}")
-    if not resuming:
-        check_output_dir(out, overwrite, kind="task_checkpoint")
+    # Also when resuming: a resume state left next to a finished checkpoint (a run killed between
+    # writing --out and removing it) must not replace that checkpoint without --overwrite.
+    check_output_dir(out, overwrite, kind="task_checkpoint")
+    if prev is not None and _overlaps(Path(prev), out):
+        raise ConfigError(
+            f"--prev {prev} and --out {out} overlap: the new checkpoint would replace the one it continues from; "
+            "choose another --out"
+        )
     accelerator = _make_accelerator(cfg)
     set_seed(cfg.seed)
     stats = load_stats(cfg.stats)
@@ -325,7 +331,11 @@ def run_train_task(
             raise oom_error(trainer.memory_settings(), exc) from None
         raise
     trainer.close(discard=False)
-    return trainer.finish(stats, keymap, prev_artifact, command, overwrite)
+    try:
+        return trainer.finish(stats, keymap, prev_artifact, command, overwrite)
+    except BaseException:
+        trainer.close(discard=True)
+        raise
 
 
 class _Trainer:
@@ -628,6 +638,7 @@ class _Trainer:
                     "total": self.total,
                     "num_processes": acc.num_processes,
                     "config": config_to_dict(self.cfg),
+                    "prev": self._prev_identity(),
                 },
                 trainable=None if self.sharded else self._trainable_state(),
                 optimizer={
@@ -652,6 +663,12 @@ class _Trainer:
             raise ConfigError(
                 f"the resume state at {self.rdir} was saved with other settings ({', '.join(diff)} differ): resume "
                 "with the same settings, or pass --resume never to start over"
+            )
+        if "prev" in state and state["prev"] != self._prev_identity():
+            raise ConfigError(
+                f"the resume state at {self.rdir} was saved continuing from --prev {state['prev'] or '(none)'}, this "
+                f"run continues from --prev {self._prev_identity() or '(none)'}: resume with the same --prev, or pass "
+                "--resume never to start over"
             )
         if state.get("num_processes", 1) != self.acc.num_processes:
             raise ConfigError(
@@ -687,6 +704,10 @@ class _Trainer:
                     shutil.copy2(source, self.work / name)
         ckpt.set_rng_state(loaded["rng"])
         log.info("resumed from %s at step %d of %d", self.rdir, self.step, self.total)
+
+    def _prev_identity(self) -> str | None:
+        """The real path of ``--prev`` (``None`` without one), recorded in the resume state."""
+        return os.path.realpath(self.prev) if self.prev is not None else None
 
     def _load_trainable(self, tensors: Mapping[str, torch.Tensor]) -> None:
         all_params = dict(self.acc.unwrap_model(self.model).named_parameters())
@@ -953,6 +974,7 @@ class _Trainer:
                 self._record_inputs(writer, stats, prev)
             written = self.out
             shutil.rmtree(self.rdir, ignore_errors=True)
+            shutil.rmtree(ckpt.resume_tmp(self.rdir), ignore_errors=True)  # a save cut short by SIGKILL
             shutil.rmtree(self.work, ignore_errors=True)
             if self.cfg.feature_cache is None:
                 shutil.rmtree(ckpt.feature_cache_dir(self.out), ignore_errors=True)
@@ -1052,6 +1074,12 @@ def _remove_stale_live_dirs(rdir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         except OSError:
             continue
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether two paths are the same directory or one lies inside the other (symlinks resolved)."""
+    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    return ra == rb or ra in rb.parents or rb in ra.parents
 
 
 def _batch_size(batch: Any) -> int:
