@@ -227,11 +227,16 @@ class Run:
     peak_rss: int
 
 
-def measure(mode: str, base: Path, adapter: Path, workdir: Path) -> Run:
-    """Run ``mode`` in a subprocess and remove what it wrote."""
+def measure(mode: str, base: Path, adapter: Path, workdir: Path, settle: float = 0.0) -> Run:
+    """Run ``mode`` in a subprocess and remove what it wrote.
+
+    ``settle`` seconds of idling before the run let a virtual machine take back the memory the
+    previous run freed, so that every run starts from the same state (see ``--settle``).
+    """
     out = workdir / f"out-{mode}"
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # write back what earlier runs left in the page cache, so it does not slow this one
+    time.sleep(settle)
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--base", str(base), "--adapter", str(adapter), "--out", str(out)],
@@ -262,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the median is reported")
     parser.add_argument("--check", action="store_true", help="exit with 1 when a target is missed")
     parser.add_argument("--skip-peft", action="store_true", help="leave out (c), the slowest run")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to idle before each run: on a VM that takes back freed memory after a few seconds, "
+        "5 gives every run the same, untouched memory, instead of the previous run's",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Run]] = {mode: [] for mode in modes}
     for _ in range(args.repeat):
         for mode in modes:
-            runs[mode].append(measure(mode, base, adapter, workdir))
+            runs[mode].append(measure(mode, base, adapter, workdir, args.settle))
     shards = sorted(base.glob("*.safetensors"))
     model_bytes = sum(f.stat().st_size for f in shards)
     largest = max(f.stat().st_size for f in shards)

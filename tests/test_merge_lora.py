@@ -326,3 +326,38 @@ def test_cli_merges_and_reports(tmp_path: Path, llama: Path, rich_adapter: Path,
     assert bad.exit_code == ConfigError.exit_code
     assert "expected one of 'auto', 'bfloat16', 'float16', 'float32'" in bad.stderr
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {
+            "b.weight": torch.randn(3, 5).to(torch.bfloat16),
+            "a.weight": torch.randn(4, 2, dtype=torch.float16),
+            "z.bias": torch.randn(7),
+            "counts": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+            "mask": torch.tensor([True, False, True]),
+            "bytes": torch.arange(9, dtype=torch.uint8),
+            "small": torch.tensor([1, -2], dtype=torch.int8),
+            "wide": torch.randn(2, dtype=torch.float64),
+            "scalar": torch.tensor(3.5),
+            "empty": torch.zeros(0, 4),
+            'naïve "quoted" name': torch.ones(2, 2),
+        },
+        {"only.weight": torch.randn(1)},
+    ],
+)
+def test_written_shards_are_the_bytes_safetensors_writes(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    from vlacl.adapters.merge import write_shard
+
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        result = write_shard(tensors, tmp_path / "ours.safetensors", pool)
+    reference = (tmp_path / "reference.safetensors").read_bytes()
+    assert (tmp_path / "ours.safetensors").read_bytes() == reference
+    assert result == (hashlib.sha256(reference).hexdigest(), len(reference))
