@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +12,8 @@ from vlacl.config.policy import HEAD_KINDS, HeadKind, PolicyConfig
 from vlacl.errors import ConfigError
 from vlacl.models.base import ActionHead
 from vlacl.models.heads import DiffusionHead, FlowMatchingHead, build_head, diffusion_betas, inference_timesteps
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL = PolicyConfig(hidden_sizes=(64,), lstm_hidden=32, denoiser_width=64, denoiser_depth=2)
 
@@ -228,12 +229,3 @@ def test_bad_configs_are_refused() -> None:
         build_head(small("mlp"), 8, 3, 1, 1, binary_dims=[3])
     with pytest.raises(ConfigError, match="low < high"):
         build_head(small("mlp"), 8, 3, 1, 1, binary_dims=[2], binary_low=[1.0], binary_high=[0.0])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster than contending for the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,9 @@ from vlacl.models.tiny import (
     save_tiny_model,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL = TinyConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_ratio=2, image_size=16, patch_size=8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def frames(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -16,16 +16,10 @@ from vlacl.models.base import BACKBONE_INPUTS
 from vlacl.models.policy import Policy, binary_action_dims, build_policy, policy_from_head_config
 from vlacl.models.tiny import ByteTokenizer, TinyBackbone, TinyConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_ratio=2, image_size=16, patch_size=4)
 HEAD = PolicyConfig(hidden_sizes=(64, 64), denoiser_width=64, denoiser_depth=2, state_width=16, sensor_width=8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_samples(

@@ -100,11 +100,12 @@ def collect_demos(
 @contextmanager
 def _progress() -> Iterator[ProgressFn | None]:
     """One rich bar per task on stderr (episodes kept of the target); none off a terminal or with -q."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
-    if not console.is_terminal or logging.getLogger("vlacl").getEffectiveLevel() > logging.INFO:
+    from vlacl.cli.render import progress_console
+
+    console = progress_console()
+    if console is None:
         yield None
         return
     with Progress(

@@ -117,11 +117,12 @@ def ds_stats(
 @contextmanager
 def _progress() -> Iterator[ProgressFn | None]:
     """A rich progress bar on stderr: frames reduced, then image frames sampled; none off a terminal or with -q."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
-    if not console.is_terminal or logging.getLogger("vlacl").getEffectiveLevel() > logging.INFO:
+    from vlacl.cli.render import progress_console
+
+    console = progress_console()
+    if console is None:
         yield None
         return
     labels = {"frames": "frames", "images": "image frames"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -13,6 +14,15 @@ if TYPE_CHECKING:
     from vlacl.metrics.report import ClMetricsResult, MetricResult
 
 stdout = Console(soft_wrap=True)
+
+
+def progress_console() -> Console | None:
+    """The stderr console a progress bar draws on; ``None`` off a terminal, or with ``-q`` (logging above INFO)."""
+    if logging.getLogger("vlacl").getEffectiveLevel() > logging.INFO:
+        return None
+    console = Console(stderr=True)
+    return console if console.is_terminal else None
+
 
 _LABELS = {
     "asr": "ASR (final mean success)",

@@ -252,15 +252,16 @@ def _progress() -> Iterator[Any]:
 
     Off a terminal (a SLURM log), one plain log line per log step instead; with ``-q`` neither.
     """
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
     from rich.progress import Progress as RichProgress
+
+    from vlacl.cli.render import progress_console
 
     if logging.getLogger("vlacl").getEffectiveLevel() > logging.INFO:
         yield None
         return
-    console = Console(stderr=True)
-    if not console.is_terminal:
+    console = progress_console()
+    if console is None:
         yield _log_metrics
         return
     with RichProgress(

@@ -23,7 +23,7 @@ Prompt formats (``n`` = images of the frame, ``instr`` = the instruction):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import torch
@@ -68,31 +68,22 @@ QWEN_TURN: Final = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 QWEN_IMAGE: Final = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_ATTENTION: Final = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
+QWEN2_5_VL: Final = Family(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    layers_path="model.language_model.layers",
+    vision_paths=("model.visual",),
+    attention=QWEN_ATTENTION,
+    image_prompt="chat",
+    image_marker=QWEN_IMAGE,
+    turn=QWEN_TURN,
+    input_keys=("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"),
+)
+
 FAMILIES: Final[tuple[Family, ...]] = (
-    Family(
-        name="qwen2_5_vl",
-        model_types=("qwen2_5_vl",),
-        model_class="Qwen2_5_VLForConditionalGeneration",
-        layers_path="model.language_model.layers",
-        vision_paths=("model.visual",),
-        attention=QWEN_ATTENTION,
-        image_prompt="chat",
-        image_marker=QWEN_IMAGE,
-        turn=QWEN_TURN,
-        input_keys=("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"),
-    ),
-    Family(
-        name="qwen2_vl",
-        model_types=("qwen2_vl",),
-        model_class="Qwen2VLForConditionalGeneration",
-        layers_path="model.language_model.layers",
-        vision_paths=("model.visual",),
-        attention=QWEN_ATTENTION,
-        image_prompt="chat",
-        image_marker=QWEN_IMAGE,
-        turn=QWEN_TURN,
-        input_keys=("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"),
-    ),
+    QWEN2_5_VL,
+    replace(QWEN2_5_VL, name="qwen2_vl", model_types=("qwen2_vl",), model_class="Qwen2VLForConditionalGeneration"),
     Family(
         name="paligemma",
         model_types=("paligemma",),
