@@ -177,6 +177,9 @@ class StatelessBackbone(nn.Module):
     def layer_modules(self) -> Sequence[nn.Module]:
         return [self.proj]
 
+    def pad_inputs(self, inputs: Mapping[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        return dict(inputs)
+
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_state_projection_and_sensor_stream(kind: HeadKind) -> None:
@@ -269,3 +272,45 @@ def test_head_state_dict_is_the_policy_state_dict_without_the_backbone() -> None
     assert want
     for key, value in want.items():
         assert torch.equal(got[key], value), key
+
+
+def test_concat_of_batches_prepared_apart_equals_one_batch_prepared_together() -> None:
+    policy = tiny_policy()
+    policy.eval()
+    samples = make_samples(4)
+    samples[0]["instruction"] = "go"
+    samples[2]["instruction"] = "put the red cube on the shelf"
+    first, second = policy.collate(samples[:2]), policy.collate(samples[2:])
+    lengths = {first[BACKBONE_INPUTS]["input_ids"].shape[1], second[BACKBONE_INPUTS]["input_ids"].shape[1]}
+    assert len(lengths) == 2  # the two batches were padded to different token lengths
+    joined = policy.concat([first, second])
+    together = policy.collate(samples)
+    assert joined.keys() == together.keys()
+    for key, value in together[BACKBONE_INPUTS].items():
+        assert torch.equal(joined[BACKBONE_INPUTS][key], value), key
+    assert torch.equal(joined["action"], together["action"])
+    assert joined["instruction"] == together["instruction"]
+    with torch.no_grad():
+        assert torch.allclose(policy(joined, per_sample=True).loss, policy(together, per_sample=True).loss)
+
+
+def test_per_sample_losses_average_to_the_batch_loss() -> None:
+    policy = tiny_policy()
+    policy.eval()
+    batch = policy.collate(make_samples(4))
+    with torch.no_grad():
+        per_sample = policy(batch, per_sample=True).loss
+        whole = policy(batch).loss
+        one = policy(policy.collate(make_samples(4)[1:2]), per_sample=True).loss
+    assert per_sample.shape == (4,)
+    assert torch.allclose(per_sample.mean(), whole, atol=1e-6)
+    assert torch.allclose(one[0], per_sample[1], atol=1e-6)
+
+
+def test_concat_refuses_batches_with_other_keys() -> None:
+    policy = tiny_policy()
+    batch = policy.collate(make_samples(2))
+    other = dict(batch)
+    other.pop("frame_index")
+    with pytest.raises(InputFormatError, match="cannot join batches with different keys"):
+        policy.concat([batch, other])

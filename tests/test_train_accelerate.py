@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from tests.train_factories import make_stream
 from vlacl.artifacts.reader import open_artifact
 from vlacl.training.checkpoint import METRICS_LOG_NAME
@@ -49,3 +51,53 @@ def test_two_cpu_processes_write_one_checkpoint(tmp_path: Path) -> None:
     logged = [json.loads(x) for x in (out / METRICS_LOG_NAME).read_text().splitlines()]
     steps = [r["step"] for r in logged if "loss" in r]
     assert steps == [2, 4]  # one line per logged step, not one per process
+
+
+def test_two_cpu_processes_train_mir_and_ewc_chains(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    stream = make_stream(tmp_path / "stream")
+    root = tmp_path / "runs"
+    root.mkdir()
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "tests.accelerate_cl_chain",
+        str(stream.data),
+        str(stream.stats),
+        str(stream.model),
+        str(root),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for name in ("mir", "ewc"):
+        for task in (0, 1):
+            art = open_artifact(root / f"{name}{task}", "task_checkpoint", verify=True)
+            assert art.manifest.details["num_processes"] == 2
+            assert art.manifest.details["cl_algorithm"] == name
+            assert art.manifest.details["steps"] == 4
+    ranks = [load_file(str(root / f"ewc1.rank{r}.safetensors")) for r in (0, 1)]
+    fisher = sorted(k for k in ranks[0] if k.startswith("fisher."))
+    assert fisher
+    assert sorted(k for k in ranks[1] if k.startswith("fisher.")) == fisher
+    for key in fisher:  # the Fisher is summed over processes: every process holds the same one
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert any(float(ranks[0][k].abs().sum()) > 0 for k in fisher)
+    logged = [json.loads(x) for x in (root / "ewc1" / METRICS_LOG_NAME).read_text().splitlines()]
+    assert any(r.get("terms", {}).get("cl_penalty", 0) > 0 for r in logged if "loss" in r)
+    mir = [load_file(str(root / f"mir1.rank{r}.safetensors")) for r in (0, 1)]
+    for key in ("memory.episode", "memory.frame", "memory.task"):  # the same memory on every process
+        assert torch.equal(mir[0][key], mir[1][key]), key
+    assert sorted(set(mir[0]["memory.task"].tolist())) == [0, 1]

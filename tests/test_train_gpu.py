@@ -78,3 +78,26 @@ def test_last_n_on_a_bf16_backbone(tmp_path: Path) -> None:
 def test_two_stage_feature_cache_bf16(tmp_path: Path) -> None:
     stream = make_stream(tmp_path / "s")
     _train(stream, tmp_path / "cached", "bf16", two_stage=True, stage1_steps=20, cache_features=True)
+
+
+@pytest.mark.parametrize("name", ["er", "mir", "ewc", "agem", "lwf"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cl_algorithms_continue_a_stream_in_mixed_precision(tmp_path: Path, name: str, precision: str) -> None:
+    from vlacl.training.checkpoint import load_cl_state
+
+    stream = make_stream(tmp_path / "stream")
+    options = {"mir": {"refresh": 2, "candidates": 16, "top_k": 8}, "ewc": {"fisher_samples": 16}}.get(name)
+    common = {"steps": 6, "device": "cuda", "precision": precision, "cl": name, "cl_options": options}
+    run_train_task(stream.config(**common), out=tmp_path / "t0")
+    result = run_train_task(stream.config(task="#1", **common), out=tmp_path / "t1", prev=tmp_path / "t0")
+    assert result.details["precision"] == precision
+    losses = _losses(tmp_path / "t1")
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    state = load_cl_state(tmp_path / "t1")
+    assert state is not None
+    if name in ("er", "mir", "agem"):
+        assert sorted(set(state["memory.task"].tolist())) == [0, 1]
+    if name == "ewc":
+        fisher = [v for k, v in state.items() if k.startswith("fisher.")]
+        assert fisher
+        assert all(torch.isfinite(f).all() for f in fisher)

@@ -189,6 +189,13 @@ class LoraBackbone(nn.Module):
         """The wrapped backbone's transformer blocks."""
         return self.base.layer_modules()
 
+    def pad_inputs(self, inputs: Mapping[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """The wrapped backbone's padding of prepared inputs (its optional ``pad_inputs``)."""
+        pad = getattr(self.base, "pad_inputs", None)
+        if pad is None:
+            raise InputFormatError(f"the {self.family} backbone cannot pad prepared inputs (it has no pad_inputs)")
+        return cast("dict[str, torch.Tensor]", pad(inputs, length))
+
 
 @dataclass
 class AdapterSetup:

@@ -13,6 +13,7 @@ Call order in ``train-task`` (one process trains one task)::
     algo.on_task_start(ctx)            # once; model, optimizer and data are ready; ctx.resumed
                                        # tells a resumed run from a fresh one
     for each optimizer step:
+        ctx.step = optimizer steps done so far
         for each of the --grad-accum micro-batches:
             algo.observe(batch, task)              # the task's own batch, as the loader gave it
             batch = algo.modify_batch(batch, task) # e.g. add replayed samples
@@ -30,13 +31,18 @@ Call order in ``train-task`` (one process trains one task)::
 for their keys, including ``episode_index`` and ``frame_index``). A state dict maps names to
 tensors (saved in ``cl_state.safetensors``) or to JSON values (saved in ``cl_state.json``).
 
-Gradient access should go through the parameters (``p.grad`` in ``after_backward``, or parameter
-hooks registered in ``on_task_start``) so that it works under DDP and ZeRO alike.
+Gradients: an algorithm that needs its own gradients (scores, a Fisher, a reference gradient)
+takes them with ``torch.autograd.grad`` through :attr:`TaskContext.policy`, the unwrapped policy,
+on this process's samples (DDP's reducer is not involved), and reduces them with
+``ctx.accelerator.reduce`` where processes must agree. The training gradient is ``p.grad`` in
+``after_backward`` of a step's last micro-batch, already averaged by DDP. Both need whole
+parameters on every process: :func:`require_unsharded` refuses FSDP and ZeRO-3 (and, for ``p.grad``,
+DeepSpeed) with a clear error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -86,6 +92,21 @@ class TaskContext:
             the accelerator's device) of the samples ``refs``, for replay or Fisher estimates.
         collate_refs: ``collate_refs(refs)`` -> one collated batch of the samples ``refs``, on the device.
         sample_refs: ``sample_refs(indices)`` -> the :class:`SampleRef` of training samples by index.
+        ref_dataset: ``ref_dataset(refs)`` -> a map-style dataset of the (uncollated) samples ``refs``.
+        batches: ``batches(dataset, batch_sampler)`` -> collated batches on the device, read by
+            ``--workers`` DataLoader workers, one per index list the ``batch_sampler`` yields (which
+            may be endless: replay streams).
+        policy: The unwrapped :class:`~vlacl.models.policy.Policy` (no DDP wrapper): forward passes
+            through it run on this process alone (no gradient synchronisation), for scores and Fisher.
+        optimizer: The optimizer (its parameter groups hold the current learning rates).
+        backbone_trainable: Names (in ``policy.named_parameters()``) of the backbone's trainable
+            parameters: the LoRA weights under ``--finetune lora``; the rest of the trainable ones
+            belong to the head and the state/sensor encoders.
+        batch_size: ``--batch-size`` (samples per micro-batch per process).
+        grad_accum: ``--grad-accum`` (micro-batches per optimizer step).
+        seed: ``--seed``.
+        step: Optimizer steps done so far in this task (the loop sets it before every step; it
+            continues from the resume state after ``--resume``).
     """
 
     accelerator: Any
@@ -105,6 +126,15 @@ class TaskContext:
     make_loader: Callable[[Sequence[SampleRef], int, int], Any] | None = None
     collate_refs: Callable[[Sequence[SampleRef]], dict[str, Any]] | None = None
     sample_refs: Callable[[Sequence[int]], list[SampleRef]] | None = None
+    ref_dataset: Callable[[Sequence[SampleRef]], Any] | None = None
+    batches: Callable[[Any, Iterable[list[int]]], Iterator[dict[str, Any]]] | None = None
+    policy: Any = None
+    optimizer: Any = None
+    backbone_trainable: frozenset[str] = frozenset()
+    batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 0
+    step: int = 0
 
 
 @runtime_checkable
@@ -184,6 +214,51 @@ class Algorithm:
 
 
 A = TypeVar("A")
+T = TypeVar("T")
+
+
+def require_unsharded(ctx: TaskContext, algorithm: str, *, gradients: bool = False) -> None:
+    """Refuse a run whose processes do not each hold the full trainable parameters (with ``gradients``: p.grad).
+
+    The gradient work of MIR, EWC, LwF and A-GEM runs on :attr:`TaskContext.policy` with whole
+    parameters: FSDP and DeepSpeed ZeRO-3 shard them, and DeepSpeed keeps gradients in its own
+    buffers instead of ``p.grad``.
+
+    Raises:
+        ConfigError: The accelerator shards what the algorithm needs.
+    """
+    kind = str(getattr(ctx.accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+    plugin = getattr(getattr(ctx.accelerator, "state", None), "deepspeed_plugin", None)
+    stage = int(getattr(plugin, "zero_stage", 0) or 0) if kind == "DEEPSPEED" else 0
+    if kind == "FSDP" or stage == 3 or (gradients and kind == "DEEPSPEED"):
+        what = "parameters and their gradients (p.grad)" if gradients else "parameters"
+        where = f"DeepSpeed ZeRO-{stage}" if kind == "DEEPSPEED" else kind
+        raise ConfigError(
+            f"--cl {algorithm} needs the full trainable {what} on every process, which {where} does not keep: "
+            "train it under DDP (accelerate config distributed_type: MULTI_GPU), or pick --cl seq or er"
+        )
+
+
+def parse_options(cls: type[T], algorithm: str, options: Mapping[str, Any] | None) -> T:
+    """The options dataclass ``cls`` of an algorithm from ``cl_options`` (``--cl-opt KEY=VALUE``).
+
+    Values are coerced to the fields' types; the dataclass's ``__post_init__`` checks their ranges.
+
+    Raises:
+        ConfigError: An option ``cls`` does not have (the message lists the ones it has), or a bad value.
+    """
+    from vlacl.config.core import config_keys, resolve_config
+
+    known = config_keys(cls)
+    unknown = sorted(set(options or {}) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"--cl {algorithm} has no option {', '.join(repr(k) for k in unknown)} (cl_options / --cl-opt): its "
+            f"options are {', '.join(known) if known else 'none'}"
+        )
+    return resolve_config(cls, flags=dict(options or {}))
+
+
 _REGISTRY: dict[str, Callable[[Mapping[str, Any]], CLAlgorithm]] = {}
 
 
@@ -232,4 +307,9 @@ def get_algorithm(name: str, config: Mapping[str, Any] | None = None) -> CLAlgor
 
 def _load_builtin() -> None:
     """Import the built-in algorithms, each of which registers itself."""
+    import vlacl.cl.agem
+    import vlacl.cl.er
+    import vlacl.cl.ewc
+    import vlacl.cl.lwf
+    import vlacl.cl.mir
     import vlacl.cl.seq  # noqa: F401

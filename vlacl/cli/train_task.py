@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -104,6 +105,16 @@ def train_task(
         ),
     ] = None,
     cl: Annotated[str | None, _opt("--cl", "cl", PANEL_MODEL)] = None,
+    cl_opt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cl-opt",
+            help="An option of the CL algorithm as KEY=VALUE (repeatable), e.g. --cl-opt per_task=200; merged over "
+            "cl_options of the config file and --set.",
+            rich_help_panel=PANEL_MODEL,
+            show_default=False,
+        ),
+    ] = None,
     lr: Annotated[float | None, _opt("--lr", "lr", PANEL_OPTIM)] = None,
     head_lr: Annotated[float | None, _opt("--head-lr", "head_lr", PANEL_OPTIM)] = None,
     steps: Annotated[int | None, _opt("--steps", "steps", PANEL_OPTIM)] = None,
@@ -206,6 +217,8 @@ def train_task(
             "smoke": smoke,
         },
     )
+    if cl_opt:
+        cfg = dataclasses.replace(cfg, cl_options={**(cfg.cl_options or {}), **_cl_options(cl_opt)})
     stop = StopFlag()
     with _stop_on_signals(stop), _progress() as progress:
         result = run_train_task(
@@ -224,6 +237,24 @@ def train_task(
             f"wrote {result.out}: {result.steps} steps, final loss {result.final_loss:.4g}, val loss {val}, "
             f"{result.samples_per_s:.1f} samples/s"
         )
+
+
+def _cl_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> options; values are read as YAML scalars (``200``, ``0.5``, ``true``, ``quota``)."""
+    import yaml
+
+    from vlacl.errors import ConfigError
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid --cl-opt {item!r}: expected KEY=VALUE, e.g. --cl-opt per_task=200")
+        try:
+            options[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            options[key.strip()] = raw
+    return options
 
 
 @contextmanager

@@ -40,6 +40,10 @@ class Backbone(Protocol):
         hidden_size: ``D``, the width of one frame's feature.
         takes_state: The backbone embeds ``observation.state`` itself (as a token); otherwise the
             policy projects the state next to the backbone feature.
+
+    Optional: ``pad_inputs(inputs, length) -> dict`` pads :meth:`prepare`'s token tensors to
+    ``length`` as ``prepare`` itself would, so that batches prepared apart (a task's batch and
+    replayed samples) can be joined by :meth:`~vlacl.models.policy.Policy.concat`.
     """
 
     family: str
@@ -93,11 +97,12 @@ class ActionHead(Protocol):
     kind: str
 
     def loss(
-        self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+        self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, per_sample: bool = False
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Loss terms for ``cond`` ``(B, W, D)``, ``target`` ``(B, K, A)``, ``mask`` ``(B, K, A)`` (1 = counts).
 
-        Returns the unweighted terms (scalars) and the predicted chunk where there is one.
+        Returns the unweighted terms (scalars, or ``(B,)`` per-sample means with ``per_sample``) and
+        the predicted chunk where there is one.
         """
         ...
 

@@ -58,9 +58,15 @@ def mlp(sizes: Sequence[int], *, final_activation: bool = False) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over the entries where ``mask`` is 1 (0 when none counts)."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, *, per_sample: bool = False) -> torch.Tensor:
+    """Mean of ``values`` over the entries where ``mask`` is 1 (0 when none counts).
+
+    With ``per_sample``, one mean per sample (the first dimension): ``(B,)``.
+    """
     mask = mask.to(values.dtype)
+    if per_sample:
+        flat_values = (values * mask).flatten(1)  # (B, ...) -> (B, N)
+        return flat_values.sum(dim=1) / mask.flatten(1).sum(dim=1).clamp_min(1.0)  # (B,)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
@@ -135,18 +141,18 @@ class _Regression(nn.Module):
         raise NotImplementedError
 
     def loss(
-        self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+        self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, per_sample: bool = False
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """``l1`` or ``mse`` over the continuous dims, plus ``bce`` over the binary ones when there are any."""
         out = self.raw(cond)  # (B, K, A)
         mask = mask.to(out.dtype)
         binary = self.binary.is_binary.to(out.dtype)
         err = (out - target).abs() if self.loss_kind == "l1" else (out - target).square()
-        terms = {self.loss_kind: masked_mean(err, mask * (1 - binary))}
+        terms = {self.loss_kind: masked_mean(err, mask * (1 - binary), per_sample=per_sample)}
         if self.binary.has_any:
             labels = (target > self.binary.midpoint).to(out.dtype)
             bce = F.binary_cross_entropy_with_logits(out, labels, reduction="none")
-            terms["bce"] = masked_mean(bce, mask * binary)
+            terms["bce"] = masked_mean(bce, mask * binary, per_sample=per_sample)
         return terms, self.binary.from_logits(out.detach())
 
     def predict(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -327,7 +333,7 @@ class FlowMatchingHead(_Generative):
         return u.pow(1.0 / FLOW_BETA_ALPHA) * 0.999 + 0.001
 
     def loss(
-        self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+        self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, per_sample: bool = False
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """``flow``: the masked MSE of the predicted velocity against ``noise - actions``."""
         actions, flat_mask = self.targets(target, mask)  # (B, K*A)
@@ -335,7 +341,7 @@ class FlowMatchingHead(_Generative):
         t = self.sample_time(actions.shape[0], actions.device).to(actions.dtype)  # (B,)
         x_t = t[:, None] * noise + (1 - t[:, None]) * actions
         v = self.denoiser(x_t, t, self.condition(cond))
-        return {self.term: masked_mean((v - (noise - actions)).square(), flat_mask)}, None
+        return {self.term: masked_mean((v - (noise - actions)).square(), flat_mask, per_sample=per_sample)}, None
 
     def predict(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Euler integration from noise (``t = 1``) to actions (``t = 0``) in ``steps`` network calls."""
@@ -412,7 +418,7 @@ class DiffusionHead(_Generative):
         self.alpha_bar: torch.Tensor
 
     def loss(
-        self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+        self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, per_sample: bool = False
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """``diffusion``: the masked MSE of the predicted noise."""
         actions, flat_mask = self.targets(target, mask)  # (B, K*A)
@@ -421,7 +427,7 @@ class DiffusionHead(_Generative):
         ab = self.alpha_bar[t].to(actions.dtype)[:, None]  # (B, 1)
         x_t = ab.sqrt() * actions + (1 - ab).sqrt() * noise
         eps = self.denoiser(x_t, t.to(actions.dtype) / self.timesteps, self.condition(cond))
-        return {self.term: masked_mean((eps - noise).square(), flat_mask)}, None
+        return {self.term: masked_mean((eps - noise).square(), flat_mask, per_sample=per_sample)}, None
 
     def predict(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Denoise from noise over :attr:`schedule_steps`, one network call per step."""

@@ -171,6 +171,10 @@ class HFBackbone(nn.Module):
                 names += self._linear_names(path)
         return _name_pattern(names)
 
+    def pad_inputs(self, inputs: Mapping[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """The token tensors padded to ``length`` on the tokenizer's side, with its padding id."""
+        return self._pad(dict(inputs), length)
+
     def layer_modules(self) -> Sequence[nn.Module]:
         """The language model's decoder layers in order."""
         layers = self.model.get_submodule(self.spec.layers_path)
@@ -209,7 +213,7 @@ class HFBackbone(nn.Module):
         for key in SEQUENCE_KEYS & encoded.keys():
             value = encoded[key]
             fill = pad_id if key == "input_ids" else 0
-            pad = torch.full((value.shape[0], extra), fill, dtype=value.dtype)
+            pad = torch.full((value.shape[0], extra), fill, dtype=value.dtype, device=value.device)
             out[key] = torch.cat([pad, value] if left else [value, pad], dim=1)  # (N, L) -> (N, length)
         return out
 

@@ -235,17 +235,63 @@ class Policy(nn.Module):
         steps = torch.ones(target.shape[:2], device=target.device) if pad is None else (~pad.bool()).float()
         return steps[:, :, None] * self.dim_mask.to(target.device)  # (B, K, A)
 
-    def forward(self, batch: Mapping[str, Any]) -> PolicyOutput:
-        """The training loss of a collated batch: the sum of the head's terms, ``bce`` weighted by ``bce_weight``."""
+    def forward(self, batch: Mapping[str, Any], per_sample: bool = False) -> PolicyOutput:
+        """The training loss of a collated batch: the sum of the head's terms, ``bce`` weighted by ``bce_weight``.
+
+        With ``per_sample``, the loss and terms are ``(B,)``: each sample's own loss (their mean is
+        the batch loss when every sample has as many counted action values).
+        """
         cond = self.conditioning(batch)  # (B, W, C)
         target = batch[ACTION].to(cond.dtype)  # (B, K, A)
         if target.shape[1:] != (self.chunk, self.action_dim):
             raise InputFormatError(
                 f"{ACTION} has shape {tuple(target.shape)}, the policy expects (B, {self.chunk}, {self.action_dim})"
             )
-        terms, actions = self.head.loss(cond, target, self.loss_mask(batch, target))
+        terms, actions = self.head.loss(cond, target, self.loss_mask(batch, target), per_sample=per_sample)
         loss = cast("torch.Tensor", sum(self.loss_weights.get(k, 1.0) * v for k, v in terms.items()))
         return PolicyOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, actions=actions)
+
+    def concat(self, batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One batch of the samples of several collated batches, in order (e.g. a task's and replayed ones).
+
+        Tensors are concatenated along the batch dimension, lists joined; the backbone inputs' token
+        dimension is padded to the longest with the backbone's optional ``pad_inputs(inputs, length)``
+        (the padding its ``prepare`` would have added; the tiny and Hugging Face backbones have one).
+
+        Raises:
+            InputFormatError: The batches have different keys or per-sample shapes that cannot be joined.
+        """
+        if len(batches) == 1:
+            return dict(batches[0])
+        keys = set(batches[0])
+        for other in batches[1:]:
+            if set(other) != keys:
+                raise InputFormatError(f"cannot join batches with different keys: {sorted(keys)} and {sorted(other)}")
+        out: dict[str, Any] = {}
+        for key in batches[0]:
+            values = [b[key] for b in batches]
+            if key == BACKBONE_INPUTS:
+                out[key] = self._concat_inputs(values)
+            elif isinstance(values[0], torch.Tensor):
+                out[key] = _cat(key, values)
+            elif isinstance(values[0], list | tuple):
+                out[key] = [item for v in values for item in v]
+            else:
+                raise InputFormatError(f"cannot join batch entry {key!r} of type {type(values[0]).__name__}")
+        return out
+
+    def _concat_inputs(self, inputs: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        lengths = {int(x[k].shape[1]) for x in inputs for k in x if x[k].dim() >= 2 and k in _TOKEN_KEYS}
+        if len(lengths) > 1:
+            longest = max(lengths)
+            pad = getattr(self.backbone, "pad_inputs", None)
+            if pad is None:
+                raise InputFormatError(
+                    f"cannot join batches whose token lengths differ ({sorted(lengths)}): the {self.backbone.family} "
+                    "backbone has no pad_inputs(inputs, length) method"
+                )
+            inputs = [pad(x, longest) for x in inputs]
+        return {k: _cat(f"{BACKBONE_INPUTS}.{k}", [x[k] for x in inputs]) for k in inputs[0]}
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -337,6 +383,17 @@ class Policy(nn.Module):
                 "takes_state": self.backbone.takes_state,
             },
         }
+
+
+_TOKEN_KEYS: Final = frozenset({"input_ids", "attention_mask"})
+"""Backbone inputs whose second dimension is the token sequence (padded per batch)."""
+
+
+def _cat(key: str, values: Sequence[torch.Tensor]) -> torch.Tensor:
+    shapes = {tuple(v.shape[1:]) for v in values}
+    if len(shapes) > 1:
+        raise InputFormatError(f"cannot join batch entry {key!r}: per-sample shapes differ {sorted(shapes)}")
+    return torch.cat(list(values), dim=0)
 
 
 def build_policy(

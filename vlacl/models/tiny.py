@@ -386,6 +386,15 @@ class TinyBackbone(nn.Module):
         """The transformer blocks, first to last."""
         return list(self.blocks)
 
+    def pad_inputs(self, inputs: Mapping[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` padded on the right to ``length`` (as the tokenizer pads)."""
+        out = dict(inputs)
+        extra = length - int(inputs[INPUT_IDS].shape[1])
+        if extra > 0:
+            out[INPUT_IDS] = F.pad(inputs[INPUT_IDS], (0, extra), value=ByteTokenizer.PAD)  # (N, length)
+            out[ATTENTION_MASK] = F.pad(inputs[ATTENTION_MASK], (0, extra), value=False)  # (N, length)
+        return out
+
 
 def save_tiny_model(directory: Path | str, config: TinyConfig | None = None, seed: int = 0) -> Path:
     """Write a randomly initialised tiny model (``config.json``, ``model.safetensors``); a seed gives the same bytes.

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -318,8 +318,18 @@ def run_train_task(
     algo = algorithm if algorithm is not None else get_algorithm(cfg.cl, cfg.cl_options)
     if prev_artifact is not None:
         prev_cl = ckpt.load_cl_state(prev_artifact.path)
-        if prev_cl is not None and prev_artifact.manifest.details.get("cl_algorithm") == algo.name:
+        prev_algo = prev_artifact.manifest.details.get("cl_algorithm")
+        if prev_cl is not None and prev_algo == algo.name:
             algo.load_state_dict(prev_cl)
+        elif prev_cl and prev_algo != algo.name:
+            log.warning(
+                "--prev %s was trained with --cl %s; its CL state (%s) does not carry over to --cl %s, which starts "
+                "with none",
+                prev_artifact.path,
+                prev_algo,
+                ", ".join(sorted(prev_cl)[:4]),
+                algo.name,
+            )
     trainer = _Trainer(cfg, accelerator, data, built, algo, out, rdir, prev, progress, stop)
     trainer.stats_fingerprint = stats.fingerprint
     try:
@@ -564,6 +574,24 @@ class _Trainer:
             for batch in loader:
                 yield dict(_move_batch(batch, self.acc.device))
 
+        def ref_dataset(refs: Sequence[SampleRef]) -> Any:
+            return _RefDataset(self.data, refs, by_fp)
+
+        def batches(dataset: Any, batch_sampler: Iterable[list[int]]) -> Iterator[dict[str, Any]]:
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=batch_sampler,
+                collate_fn=policy.collate,
+                num_workers=self.cfg.workers,
+                pin_memory=self.acc.device.type == "cuda",
+                generator=torch.Generator().manual_seed(self.cfg.seed),  # the workers' seeds: not the global RNG
+            )
+            for batch in loader:
+                yield dict(_move_batch(batch, self.acc.device))
+
+        unwrapped = self.acc.unwrap_model(self.model)
+        backbone_ids = {id(p) for p in self.built.backbone_params()}
+        backbone_trainable = frozenset(n for n, p in unwrapped.named_parameters() if id(p) in backbone_ids)
         return TaskContext(
             accelerator=self.acc,
             model=self.model,
@@ -582,6 +610,15 @@ class _Trainer:
             make_loader=extra_loader,
             collate_refs=collate_refs,
             sample_refs=sample_refs,
+            ref_dataset=ref_dataset,
+            batches=batches,
+            policy=unwrapped,
+            optimizer=self.optimizer,
+            backbone_trainable=backbone_trainable,
+            batch_size=self.cfg.batch_size,
+            grad_accum=self.cfg.grad_accum,
+            seed=self.cfg.seed,
+            step=self.step,
         )
 
     def _episode_ref(self, episode: Any) -> Any:
@@ -762,6 +799,7 @@ class _Trainer:
                 stage1 = False
                 self.built.set_backbone_trainable(True)
                 log.info("stage 2 from step %d: the adapters train with the head", self.step)
+            self.ctx.step = self.step
             step_loss = torch.zeros((), device=device)
             terms_now: dict[str, torch.Tensor] = {}
             for micro in range(cfg.grad_accum):
@@ -1020,6 +1058,7 @@ class _RefDataset(torch.utils.data.Dataset[Any]):
         self.items: list[tuple[WindowedDataset, int]] = []
         cache: dict[tuple[int, int], WindowedDataset] = {}
         train = data.train
+        positions: dict[int, dict[int, int]] = {}  # dataset -> episode_index -> position
         for ref in self.refs:
             if ref.dataset_fingerprint not in by_fp:
                 raise ArtifactError(
@@ -1028,7 +1067,9 @@ class _RefDataset(torch.utils.data.Dataset[Any]):
                 )
             d = by_fp[ref.dataset_fingerprint]
             episodes = data.stream.datasets[d].episodes
-            pos = next((i for i, ep in enumerate(episodes) if ep.index == ref.episode), None)
+            if d not in positions:
+                positions[d] = {ep.index: i for i, ep in enumerate(episodes)}
+            pos = positions[d].get(ref.episode)
             if pos is None:
                 raise ArtifactError(f"dataset {ref.dataset_fingerprint[:12]} has no episode {ref.episode}")
             key = (d, pos)
