@@ -101,3 +101,18 @@ def test_cl_algorithms_continue_a_stream_in_mixed_precision(tmp_path: Path, name
         fisher = [v for k, v in state.items() if k.startswith("fisher.")]
         assert fisher
         assert all(torch.isfinite(f).all() for f in fisher)
+
+
+@pytest.mark.parametrize("name", ["mir", "ewc", "lwf", "agem"])
+def test_cl_algorithms_on_an_hf_family_in_bf16(tmp_path: Path, name: str) -> None:
+    from tests.hf_factories import FACTORIES
+
+    model = FACTORIES["qwen2_5_vl"](tmp_path / "qwen")
+    stream = make_stream(tmp_path / "s", model=model)
+    options = {"mir": {"refresh": 2, "candidates": 16, "top_k": 8}, "ewc": {"fisher_samples": 8}}.get(name)
+    adapter = AdapterConfig(rank=4, dropout=0.0)
+    common = {"steps": 4, "device": "cuda", "precision": "bf16", "cl": name, "cl_options": options, "adapter": adapter}
+    run_train_task(stream.config(**common), out=tmp_path / "t0")
+    run_train_task(stream.config(task="#1", **common), out=tmp_path / "t1", prev=tmp_path / "t0")
+    losses = _losses(tmp_path / "t1")
+    assert all(torch.isfinite(torch.tensor(losses))), losses
