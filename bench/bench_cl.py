@@ -33,28 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests' data factories
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: vlacl and tests' factories
 
 import torch
+from bench_train_tiny import make_data  # the script directory is on sys.path
 
-from tests.lerobot_factories import make_episodes, write_lerobot
-from vlacl.config.ds_stats import DsStatsConfig
 from vlacl.config.train_task import TrainTaskConfig
-from vlacl.data.stats import run_ds_stats
 
 BATCH = 32
 WARMUP = 5
 OPTIONS: dict[str, dict[str, object]] = {"mir": {"refresh": 200}}
-
-
-def make_data(root: Path, episodes: int, frames: int) -> tuple[Path, Path]:
-    """The dataset and its stats under ``root``."""
-    truth = make_episodes(
-        [frames] * episodes, ["pick the cube", "open the drawer"], cameras=["front"], image_size=(64, 64), seed=0
-    )
-    data = write_lerobot(root / "data", truth, images="embedded")
-    run_ds_stats([data], DsStatsConfig(image_frames=64), out=root / "stats")
-    return data, root / "stats"
 
 
 def step_times(cfg: TrainTaskConfig, out: Path, prev: Path | None) -> list[float]:

@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20, help="expert episodes per task")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per task")
     parser.add_argument("--refresh", type=int, default=50, help="MIR's refresh interval")
+    parser.add_argument("--mir-opt", action="append", default=[], help="another MIR option, KEY=VALUE (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from vlacl.config.train_task import TrainTaskConfig
@@ -95,7 +96,8 @@ def main() -> None:
         data, stats = collect(root, args.tasks, args.episodes)
         print(f"collected {len(names)} tasks x {args.episodes} episodes in {time.perf_counter() - start:.0f} s")
         for algo in algorithms:
-            options = {"refresh": args.refresh} if algo == "mir" else None
+            extra = dict(item.split("=", 1) for item in args.mir_opt)
+            options = {"refresh": args.refresh, **extra} if algo == "mir" else None
             prev: Path | None = None
             matrix: list[list[float]] = []
             start = time.perf_counter()

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from tests.train_factories import Stream, make_stream
 from vlacl.artifacts import ArtifactWriter
 from vlacl.artifacts.names import MATRIX_CSV_NAME, RESULTS_NAME
 from vlacl.evaluation.results import matrix_from_episodes
@@ -70,4 +71,15 @@ def one_torch_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stream]:
+    """The two-task micro stream of `make_stream`, shared by the tests of a module (one torch thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield make_stream(tmp_path_factory.mktemp("stream"))
     torch.set_num_threads(threads)

@@ -9,20 +9,12 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from tests.train_factories import Stream, make_stream
+from tests.train_factories import Stream
 from vlacl.artifacts.reader import open_artifact
 from vlacl.cl.base import Algorithm, CLAlgorithm, SampleRef, TaskContext, available, get_algorithm, register, unregister
 from vlacl.errors import ConfigError
 from vlacl.training.checkpoint import load_cl_state
 from vlacl.training.loop import run_train_task
-
-
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stream]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make_stream(tmp_path_factory.mktemp("stream"))
-    torch.set_num_threads(threads)
 
 
 class Spy(Algorithm):

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from tests.train_factories import Stream, make_stream
+from tests.train_factories import Stream
 from vlacl.artifacts.reader import open_artifact
 from vlacl.cl.base import available
 from vlacl.config.lora import AdapterConfig
@@ -26,14 +24,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "agem": {"per_task": 12},
 }
 REPLAY = ("er", "mir", "agem")
-
-
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stream]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make_stream(tmp_path_factory.mktemp("stream"))
-    torch.set_num_threads(threads)
 
 
 def test_every_builtin_algorithm_is_registered() -> None:

@@ -14,7 +14,7 @@ import torch
 import vlacl.cl.agem
 import vlacl.cl.ewc
 import vlacl.cl.lwf
-from tests.train_factories import Stream, make_stream
+from tests.train_factories import Stream
 from vlacl.artifacts.names import TRAIN_METRICS_NAME
 from vlacl.cl.agem import AGEM, project
 from vlacl.cl.base import SampleRef, TaskContext, get_algorithm
@@ -23,15 +23,6 @@ from vlacl.cl.lwf import LwF
 from vlacl.errors import ConfigError
 from vlacl.training.checkpoint import load_cl_state
 from vlacl.training.loop import run_train_task
-
-
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stream]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make_stream(tmp_path_factory.mktemp("stream"))
-    torch.set_num_threads(threads)
-
 
 # -- a toy context: a linear "policy" over a list of samples, one process ---------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import signal
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.train_factories import Stream, make_stream
+from tests.train_factories import Stream
 from vlacl.cl.base import SampleRef, TaskContext, get_algorithm
 from vlacl.cl.er import ExperienceReplay, replay_batch_size
 from vlacl.cl.memory import ReplayMemory, ReplaySampler
@@ -26,14 +26,6 @@ from vlacl.training.loop import PreemptedError, StopFlag, run_train_task
 
 B = 8
 """The stream config's batch size."""
-
-
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stream]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make_stream(tmp_path_factory.mktemp("stream"))
-    torch.set_num_threads(threads)
 
 
 def _rows(batch: Mapping[str, Any], start: int = 0) -> list[tuple[int, int]]:

@@ -19,9 +19,8 @@ from vlacl.artifacts.reader import open_artifact
 from vlacl.training.checkpoint import METRICS_LOG_NAME
 
 
-def test_two_cpu_processes_write_one_checkpoint(tmp_path: Path) -> None:
-    stream = make_stream(tmp_path / "stream")
-    out = tmp_path / "ck"
+def _launch(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch`` of ``python -m module args`` on two CPU processes."""
     launch = [
         sys.executable,
         "-m",
@@ -36,11 +35,17 @@ def test_two_cpu_processes_write_one_checkpoint(tmp_path: Path) -> None:
         "--dynamo_backend",
         "no",
         "-m",
-        "vlacl",
+        module,
     ]
-    args = stream.args("--device", "cpu", "--steps", "4", "--batch-size", "4", "--out", str(out))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_cpu_processes_write_one_checkpoint(tmp_path: Path) -> None:
+    stream = make_stream(tmp_path / "stream")
+    out = tmp_path / "ck"
+    args = stream.args("--device", "cpu", "--steps", "4", "--batch-size", "4", "--out", str(out))
+    done = _launch("vlacl", *args)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("wrote ") == 1  # only the main process writes and reports
     art = open_artifact(out, "task_checkpoint", verify=True)
@@ -59,28 +64,7 @@ def test_two_cpu_processes_train_mir_and_ewc_chains(tmp_path: Path) -> None:
     stream = make_stream(tmp_path / "stream")
     root = tmp_path / "runs"
     root.mkdir()
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "tests.accelerate_cl_chain",
-        str(stream.data),
-        str(stream.stats),
-        str(stream.model),
-        str(root),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    done = _launch("tests.accelerate_cl_chain", str(stream.data), str(stream.stats), str(stream.model), str(root))
     assert done.returncode == 0, done.stderr[-4000:]
     for name in ("mir", "ewc"):
         for task in (0, 1):
