@@ -207,6 +207,7 @@ def test_cached_features_with_replay_are_refused(stream: Stream, tmp_path: Path)
     )
     with pytest.raises(ConfigError, match="--cache-features: --cl er joins replayed samples"):
         run_train_task(cfg, out=tmp_path / "t1", prev=tmp_path / "t0")
+    assert not list((tmp_path / "features").glob("*"))  # refused before the features were computed
 
 
 # -- MIR ---------------------------------------------------------------------------------------

@@ -183,9 +183,11 @@ class AGEM(Algorithm):
         with torch.random.fork_rng(devices=[]):  # a DataLoader's first batch draws its base seed from the global RNG
             batch = next(self._batches)
         self.consumed += 1
+        # fp16: scale the reference loss like the training loss, so that small gradients do not underflow
+        scale = float(acc.scaler.get_scale()) if getattr(acc, "scaler", None) is not None else 1.0
         with acc.autocast():
             loss = ctx.policy(batch).loss
-        refs = torch.autograd.grad(loss.float(), params, allow_unused=True)
+        refs = torch.autograd.grad(loss.float() * scale, params, allow_unused=True)
         ref = torch.cat(
             [
                 (r if r is not None else torch.zeros_like(p)).reshape(-1).float()

@@ -107,6 +107,9 @@ class TaskContext:
         seed: ``--seed``.
         step: Optimizer steps done so far in this task (the loop sets it before every step; it
             continues from the resume state after ``--resume``).
+        cached_feature_steps: The first steps whose batches come from the ``--cache-features``
+            cache (stage 1): they carry the task's backbone features instead of backbone inputs, so
+            samples from elsewhere cannot join them. 0 without ``--cache-features``.
     """
 
     accelerator: Any
@@ -135,6 +138,7 @@ class TaskContext:
     grad_accum: int = 1
     seed: int = 0
     step: int = 0
+    cached_feature_steps: int = 0
 
 
 @runtime_checkable

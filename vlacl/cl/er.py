@@ -136,6 +136,8 @@ class ExperienceReplay(Algorithm):
         self.dataset = None
         self._replay = None
         if len(self.memory) and self.replay_size:
+            if ctx.cached_feature_steps > ctx.step:
+                raise self._cached_features_error()
             if ctx.ref_dataset is None:
                 raise RuntimeError("the task context cannot read samples by reference (ref_dataset is missing)")
             self.dataset = ctx.ref_dataset(self.memory.refs)
@@ -241,7 +243,10 @@ class ExperienceReplay(Algorithm):
 
     def _check_not_cached(self, batch: Mapping[str, Any]) -> None:
         if FEATURES in batch:
-            raise ConfigError(
-                f"--cache-features: --cl {self.name} joins replayed samples to stage 1's batches, but only the "
-                f"task's own samples have cached backbone features: drop --cache-features with --cl {self.name}"
-            )
+            raise self._cached_features_error()
+
+    def _cached_features_error(self) -> ConfigError:
+        return ConfigError(
+            f"--cache-features: --cl {self.name} joins replayed samples to stage 1's batches, but only the "
+            f"task's own samples have cached backbone features: drop --cache-features with --cl {self.name}"
+        )

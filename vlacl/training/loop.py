@@ -467,12 +467,12 @@ class _Trainer:
             self.work.mkdir(parents=True)
         if resuming:
             self._restore()
-        if cfg.cache_features and self.step < cfg.stage1_steps:
-            self.feature_loader = self._feature_loader()
         self.ctx = self._context(resuming)
         if cfg.tensorboard and acc.is_main_process:
             self.tb = _tensorboard(self.work / ckpt.TENSORBOARD_DIR)
-        self.algo.on_task_start(self.ctx)
+        self.algo.on_task_start(self.ctx)  # before the feature cache: an algorithm may refuse it cheaply
+        if cfg.cache_features and self.step < cfg.stage1_steps:
+            self.feature_loader = self._feature_loader()
 
     @property
     def feature_dir(self) -> Path:
@@ -619,6 +619,7 @@ class _Trainer:
             grad_accum=self.cfg.grad_accum,
             seed=self.cfg.seed,
             step=self.step,
+            cached_feature_steps=self.cfg.stage1_steps if self.cfg.cache_features else 0,
         )
 
     def _episode_ref(self, episode: Any) -> Any:
