@@ -17,7 +17,7 @@ import torch
 from tests.train_factories import Stream
 from vlacl.cl.base import SampleRef, TaskContext, get_algorithm
 from vlacl.cl.er import ExperienceReplay, replay_batch_size
-from vlacl.cl.memory import ReplayMemory, ReplaySampler
+from vlacl.cl.memory import MemoryOptions, ReplayMemory, ReplaySampler
 from vlacl.cl.mir import MaximallyInterferedRetrieval, interference_scores
 from vlacl.config.lora import AdapterConfig, AdapterMode
 from vlacl.errors import ConfigError
@@ -155,7 +155,8 @@ def test_reservoir_is_a_bounded_uniform_sample_of_all_tasks() -> None:
     for seed in range(runs):
         memory = ReplayMemory()
         for task, n in enumerate(sizes):
-            kept = memory.add_task(_FakeCtx(task, n), selection="reservoir", per_task=1, size=capacity, seed=seed)  # type: ignore[arg-type]
+            options = MemoryOptions(selection="reservoir", size=capacity, seed=seed)
+            kept = memory.add_task(_FakeCtx(task, n), options)  # type: ignore[arg-type]
             assert len(memory) == min(capacity, sum(sizes[: task + 1]))
             assert kept <= capacity
         assert memory.seen == sum(sizes)

@@ -14,50 +14,28 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from vlacl.cl.base import Algorithm, TaskContext, parse_options, register, require_unsharded
 from vlacl.cl.ewc import trainable_parameters
-from vlacl.cl.memory import ReplayMemory, ReplaySampler, Sampling, Selection
+from vlacl.cl.memory import MemoryOptions, ReplayMemory, ReplaySampler, derived_seed
 from vlacl.config.core import invalid, setting
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class AGEMOptions:
-    """Options of ``--cl agem`` (``--cl-opt KEY=VALUE``)."""
+class AGEMOptions(MemoryOptions):
+    """Options of ``--cl agem`` (``--cl-opt KEY=VALUE``): the memory's, and the reference batch size."""
 
-    selection: Selection = setting(
-        "quota",
-        "How the memory is filled at each task's end: quota (per_task samples of every task, as A-GEM's "
-        "per-task episodic memory) or reservoir (a uniform sample of size samples over all tasks so far).",
-        flag="--cl-opt selection",
-    )
-    per_task: int = setting(500, "Samples kept per task with selection=quota, >= 1.", flag="--cl-opt per_task")
-    size: int = setting(2000, "Memory size with selection=reservoir, >= 1.", flag="--cl-opt size")
-    sampling: Sampling = setting(
-        "uniform",
-        "How a reference batch is drawn: uniform over the memory's samples or balanced over its tasks.",
-        flag="--cl-opt sampling",
-    )
     ref_batch: int | None = setting(
         None, "Samples per reference batch (per process), >= 1; none means --batch-size.", flag="--cl-opt ref_batch"
     )
-    seed: int | None = setting(
-        None, "Seed of the memory's selection and of the reference batches; none means --seed.", flag="--cl-opt seed"
-    )
 
     def __post_init__(self) -> None:
-        if self.per_task < 1:
-            raise invalid("per_task", f"must be >= 1, got {self.per_task}", AGEMOptions)
-        if self.size < 1:
-            raise invalid("size", f"must be >= 1, got {self.size}", AGEMOptions)
+        super().__post_init__()
         if self.ref_batch is not None and self.ref_batch < 1:
-            raise invalid("ref_batch", f"must be >= 1 (or none), got {self.ref_batch}", AGEMOptions)
-        if self.seed is not None and self.seed < 0:
-            raise invalid("seed", f"must be >= 0, got {self.seed}", AGEMOptions)
+            raise invalid("ref_batch", f"must be >= 1 (or none), got {self.ref_batch}", type(self))
 
 
 def project(grad: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,11 +49,6 @@ def project(grad: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.
     projected = (dot < 0) & (ref_sq > 0)
     coef = torch.where(projected, dot / ref_sq.clamp_min(torch.finfo(ref.dtype).tiny), torch.zeros_like(dot))
     return grad - coef * ref, projected
-
-
-def _task_seed(seed: int, task: int) -> int:
-    """A seed for the reference batches of one task, so that tasks do not repeat each other's draws."""
-    return int(np.random.SeedSequence([seed, task]).generate_state(1)[0])
 
 
 @register("agem")
@@ -128,9 +101,6 @@ class AGEM(Algorithm):
         self._projected = torch.zeros((), dtype=torch.int64)
         self._checked = 0
 
-    def _seed(self, ctx: TaskContext) -> int:
-        return ctx.seed if self.options.seed is None else self.options.seed
-
     def on_task_start(self, ctx: TaskContext) -> None:
         """Open the stream of reference batches (at the consumed count after ``--resume``)."""
         require_unsharded(ctx, self.name, gradients=True)
@@ -156,7 +126,7 @@ class AGEM(Algorithm):
             self.memory.tasks,
             self.options.ref_batch or ctx.batch_size,
             sampling=self.options.sampling,
-            seed=_task_seed(self._seed(ctx), ctx.task),
+            seed=derived_seed(self.options.seed_for(ctx), ctx.task),
             rank=ctx.accelerator.process_index,
             start=self.consumed,
         )
@@ -226,13 +196,7 @@ class AGEM(Algorithm):
             self.projected_steps.get(key, 0),
             self.reference_steps.get(key, 0),
         )
-        kept = self.memory.add_task(
-            ctx,
-            selection=self.options.selection,
-            per_task=self.options.per_task,
-            size=self.options.size,
-            seed=self._seed(ctx),
-        )
+        kept = self.memory.add_task(ctx, self.options)
         log.info("agem: task %d: kept %d samples; the memory holds %d", ctx.task, kept, len(self.memory))
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,11 +12,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from vlacl.cl.base import Algorithm, TaskContext, parse_options, register
-from vlacl.cl.memory import ReplayMemory, ReplaySampler, Sampling, Selection
+from vlacl.cl.memory import MemoryOptions, ReplayMemory, ReplaySampler, derived_seed
 from vlacl.config.core import invalid, setting
 from vlacl.errors import ConfigError
 from vlacl.models.policy import FEATURES
@@ -31,56 +30,25 @@ REPLAY_BATCHES = "replay_batches"
 
 
 @dataclass(frozen=True)
-class ReplayOptions:
-    """Options of ``--cl er`` (``--cl-opt KEY=VALUE``); ``--cl mir`` extends them."""
+class ReplayOptions(MemoryOptions):
+    """Options of ``--cl er``: the memory's and the replayed fraction (``--cl mir`` adds more)."""
 
-    selection: Selection = setting(
-        "quota",
-        "How the memory is filled at each task's end: quota (per_task samples of every task) or reservoir "
-        "(a uniform sample of size samples over all tasks so far).",
-        flag="--cl-opt selection",
-    )
-    per_task: int = setting(
-        500, "Samples kept per task with selection=quota (all of a task's when it has fewer).", flag="--cl-opt per_task"
-    )
-    size: int = setting(2000, "Capacity of the memory with selection=reservoir.", flag="--cl-opt size")
     replay_fraction: float = setting(
         0.5,
         "Fraction of the trained batch that is replay: the task's B samples are joined with "
         "round(B * f / (1 - f)) replayed ones (0.5 doubles the batch; 0 replays nothing).",
         flag="--cl-opt replay_fraction",
     )
-    sampling: Sampling = setting(
-        "uniform",
-        "How replayed samples are drawn: uniform over the memory, or balanced (each row picks a task "
-        "uniformly, then one of its samples).",
-        flag="--cl-opt sampling",
-    )
-    seed: int | None = setting(
-        None, "Seed of the memory selection and the replay draws; none uses --seed.", flag="--cl-opt seed"
-    )
 
     def __post_init__(self) -> None:
-        cls = type(self)
-        if self.per_task < 1:
-            raise invalid("per_task", f"must be >= 1, got {self.per_task}", cls)
-        if self.size < 1:
-            raise invalid("size", f"must be >= 1, got {self.size}", cls)
+        super().__post_init__()
         if not 0.0 <= self.replay_fraction < 1.0:
-            raise invalid("replay_fraction", f"must be in [0, 1), got {self.replay_fraction}", cls)
-        if self.seed is not None and self.seed < 0:
-            raise invalid("seed", f"must be >= 0, got {self.seed}", cls)
+            raise invalid("replay_fraction", f"must be in [0, 1), got {self.replay_fraction}", type(self))
 
 
 def replay_batch_size(batch_size: int, fraction: float) -> int:
     """Replayed samples joined to a task batch of ``batch_size``: ``B * f / (1 - f)`` rounded half up."""
     return math.floor(batch_size * fraction / (1.0 - fraction) + 0.5)
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every one of ``parts`` (non-negative integers)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 @register("er")
@@ -172,13 +140,7 @@ class ExperienceReplay(Algorithm):
         """Stop the replay stream and add the task's samples to the memory."""
         self._close_replay()
         self.dataset = None
-        kept = self.memory.add_task(
-            ctx,
-            selection=self.options.selection,
-            per_task=self.options.per_task,
-            size=self.options.size,
-            seed=self.seed(ctx),
-        )
+        kept = self.memory.add_task(ctx, self.options)
         log.info(
             "%s: kept %d samples of task %d (%s); memory now holds %d samples of %d task(s)",
             self.name,
@@ -202,7 +164,7 @@ class ExperienceReplay(Algorithm):
 
     def seed(self, ctx: TaskContext) -> int:
         """The ``seed`` option, or ``--seed``."""
-        return self.options.seed if self.options.seed is not None else ctx.seed
+        return self.options.seed_for(ctx)
 
     def replay_seed(self, ctx: TaskContext) -> int:
         """Seed of this task's replay draws (each process adds its rank in :class:`ReplaySampler`)."""

@@ -28,10 +28,55 @@ import numpy as np
 import torch
 
 from vlacl.cl.base import SampleRef, TaskContext
+from vlacl.config.core import invalid, setting
 from vlacl.errors import ArtifactError
 
 Selection = Literal["quota", "reservoir"]
 Sampling = Literal["uniform", "balanced"]
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The memory's options shared by the replay-based algorithms (``--cl-opt KEY=VALUE``)."""
+
+    selection: Selection = setting(
+        "quota",
+        "How the memory is filled at each task's end: quota (per_task samples of every task) or reservoir "
+        "(a uniform sample of size samples over all tasks so far).",
+        flag="--cl-opt selection",
+    )
+    per_task: int = setting(
+        500, "Samples kept per task with selection=quota (all of a task's when it has fewer).", flag="--cl-opt per_task"
+    )
+    size: int = setting(2000, "Capacity of the memory with selection=reservoir.", flag="--cl-opt size")
+    sampling: Sampling = setting(
+        "uniform",
+        "How memory samples are drawn: uniform over the memory, or balanced (each row picks a task "
+        "uniformly, then one of its samples).",
+        flag="--cl-opt sampling",
+    )
+    seed: int | None = setting(
+        None, "Seed of the memory selection and of the draws from it; none uses --seed.", flag="--cl-opt seed"
+    )
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        if self.per_task < 1:
+            raise invalid("per_task", f"must be >= 1, got {self.per_task}", cls)
+        if self.size < 1:
+            raise invalid("size", f"must be >= 1, got {self.size}", cls)
+        if self.seed is not None and self.seed < 0:
+            raise invalid("seed", f"must be >= 0, got {self.seed}", cls)
+
+    def seed_for(self, ctx: TaskContext) -> int:
+        """The ``seed`` option, or ``--seed``."""
+        return self.seed if self.seed is not None else ctx.seed
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every one of ``parts`` (non-negative integers)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
 
 
 @dataclass
@@ -58,20 +103,13 @@ class ReplayMemory:
             counts[t] = counts.get(t, 0) + 1
         return counts
 
-    def add_task(
-        self,
-        ctx: TaskContext,
-        *,
-        selection: Selection,
-        per_task: int,
-        size: int,
-        seed: int,
-    ) -> int:
+    def add_task(self, ctx: TaskContext, options: MemoryOptions) -> int:
         """Offer the task's training samples (``ctx.train_dataset``) to the memory; returns how many were kept.
 
         ``per_task`` applies to ``quota``, ``size`` to ``reservoir``. The choice depends only on
-        ``seed``, the task's position and the number of its samples.
+        the seed, the task's position and the number of its samples.
         """
+        selection, per_task, size, seed = options.selection, options.per_task, options.size, options.seed_for(ctx)
         if ctx.sample_refs is None:
             raise RuntimeError("the task context cannot name samples (sample_refs is missing)")
         n = len(ctx.train_dataset)

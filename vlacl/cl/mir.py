@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from vlacl.cl.base import TaskContext, register, require_unsharded
-from vlacl.cl.er import ExperienceReplay, ReplayOptions, derived_seed
-from vlacl.cl.memory import ReplaySampler
+from vlacl.cl.er import ExperienceReplay, ReplayOptions
+from vlacl.cl.memory import ReplaySampler, derived_seed
 from vlacl.config.core import invalid, setting
 
 log = logging.getLogger(__name__)
