@@ -18,7 +18,6 @@ from vlacl.cl.base import Algorithm, TaskContext, parse_options, register
 from vlacl.cl.memory import MemoryOptions, ReplayMemory, ReplaySampler, derived_seed
 from vlacl.config.core import invalid, setting
 from vlacl.errors import ConfigError
-from vlacl.models.policy import FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,10 @@ class ExperienceReplay(Algorithm):
         self._replay = None
         if len(self.memory) and self.replay_size:
             if ctx.cached_feature_steps > ctx.step:
-                raise self._cached_features_error()
+                raise ConfigError(
+                    f"--cache-features: --cl {self.name} joins replayed samples to stage 1's batches, but only the "
+                    f"task's own samples have cached backbone features: drop --cache-features with --cl {self.name}"
+                )
             if ctx.ref_dataset is None:
                 raise RuntimeError("the task context cannot read samples by reference (ref_dataset is missing)")
             self.dataset = ctx.ref_dataset(self.memory.refs)
@@ -131,7 +133,6 @@ class ExperienceReplay(Algorithm):
         if self.dataset is None:
             return batch
         ctx = self._context()
-        self._check_not_cached(batch)
         replay = self._next_replay(ctx)
         joined: dict[str, Any] = ctx.policy.concat([batch, replay])
         return joined
@@ -202,13 +203,3 @@ class ExperienceReplay(Algorithm):
         if self._replay is not None and hasattr(self._replay, "close"):
             self._replay.close()  # stops the loader's workers
         self._replay = None
-
-    def _check_not_cached(self, batch: Mapping[str, Any]) -> None:
-        if FEATURES in batch:
-            raise self._cached_features_error()
-
-    def _cached_features_error(self) -> ConfigError:
-        return ConfigError(
-            f"--cache-features: --cl {self.name} joins replayed samples to stage 1's batches, but only the "
-            f"task's own samples have cached backbone features: drop --cache-features with --cl {self.name}"
-        )

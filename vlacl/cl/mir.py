@@ -138,7 +138,6 @@ class MaximallyInterferedRetrieval(ExperienceReplay):
         if self.dataset is None:
             return batch
         ctx = self._context()
-        self._check_not_cached(batch)
         step = ctx.step
         if not self.cache or (step % self.mir.refresh == 0 and self._refreshed_at != step):
             self.refresh_cache(ctx, batch)

@@ -248,3 +248,12 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         generator=gen,
     )
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """A collated batch (tensors, nested dicts, other values) with its tensors on ``device`` (non-blocking)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    return batch

@@ -32,6 +32,7 @@ from torch import nn
 from vlacl.data.features import role_of
 from vlacl.data.windows import WindowedDataset
 from vlacl.models.policy import FEATURES
+from vlacl.training.data import move_batch
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def compute_features(
     parts: list[torch.Tensor] = []
     try:
         for batch in batches:
-            moved = _to(batch, device)
+            moved = move_batch(batch, device)
             with autocast():
                 parts.append(policy.backbone_features(moved).float().cpu())  # (B, W, D)
     finally:
@@ -136,14 +137,6 @@ def compute_features(
     if features.shape[0] != samples:
         raise RuntimeError(f"the feature pass produced {features.shape[0]} samples, expected {samples}")
     return features
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def load_or_compute(

@@ -39,7 +39,7 @@ from vlacl.config.train_task import SMOKE_STEPS, SMOKE_VAL_BATCHES, TrainTaskCon
 from vlacl.errors import ArtifactError, ConfigError, VlaclError
 from vlacl.models.policy import FEATURES
 from vlacl.training import checkpoint as ckpt
-from vlacl.training.data import ResumableSampler, TaskData, build_task_data, make_loader
+from vlacl.training.data import ResumableSampler, TaskData, build_task_data, make_loader, move_batch
 from vlacl.training.guards import LossGuard, TrainingError, check_first_gradients, is_oom, oom_error
 from vlacl.training.optim import build_optimizer, build_scheduler, param_groups
 
@@ -222,14 +222,6 @@ def _trainable_groups(model: torch.nn.Module) -> dict[str, int]:
             key = ".".join(name.split(".")[:2])
             groups[key] = groups.get(key, 0) + param.numel()
     return groups
-
-
-def _move_batch(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _move_batch(v, device) for k, v in batch.items()}
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +551,7 @@ class _Trainer:
         def collate_refs(refs: Sequence[SampleRef]) -> dict[str, Any]:
             ds = dataset_of(refs)
             batch = policy.collate([ds[i] for i in range(len(ds))])
-            return dict(_move_batch(batch, self.acc.device))
+            return dict(move_batch(batch, self.acc.device))
 
         def extra_loader(refs: Sequence[SampleRef], batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
             loader = make_loader(
@@ -572,7 +564,7 @@ class _Trainer:
                 seed=seed,
             )
             for batch in loader:
-                yield dict(_move_batch(batch, self.acc.device))
+                yield dict(move_batch(batch, self.acc.device))
 
         def ref_dataset(refs: Sequence[SampleRef]) -> Any:
             return _RefDataset(self.data, refs, by_fp)
@@ -587,7 +579,7 @@ class _Trainer:
                 generator=torch.Generator().manual_seed(self.cfg.seed),  # the workers' seeds: not the global RNG
             )
             for batch in loader:
-                yield dict(_move_batch(batch, self.acc.device))
+                yield dict(move_batch(batch, self.acc.device))
 
         unwrapped = self.acc.unwrap_model(self.model)
         backbone_ids = {id(p) for p in self.built.backbone_params()}
