@@ -53,6 +53,19 @@ WRITEBACK_BYTES: Final = 1 << 20
 """Tensors at least this large are handed to the disk as soon as written (``POSIX_FADV_DONTNEED``
 starts the writeback of dirty pages without waiting for it), so a shard's sync overlaps its write."""
 SAFETENSORS_METADATA: Final = {"format": "pt"}
+POLICY_DETAILS: Final = (
+    "head_config",
+    "stats_fingerprint",
+    "stream",
+    "task_index",
+    "task_key",
+    "task_name",
+    "num_tasks",
+    "cl_algorithm",
+    "adapter_mode",
+)
+"""Task-checkpoint details a merged model carries under ``details["policy"]``: with the policy files
+they make it a complete policy (``vlacl.training.policy_io.load_policy`` reads them)."""
 """The metadata every merged shard carries, as ``save_pretrained`` writes it."""
 
 
@@ -712,9 +725,11 @@ def merge_lora(
         )
         if checkpoints and checkpoints[0].artifact is not None:
             writer.details["task_checkpoint"] = checkpoints[0].label
-            fingerprint = checkpoints[0].artifact.manifest.details.get("stats_fingerprint")
+            source_details = checkpoints[0].artifact.manifest.details
+            fingerprint = source_details.get("stats_fingerprint")
             if fingerprint is not None:
                 writer.details["stats_fingerprint"] = fingerprint
+            writer.details["policy"] = {k: source_details[k] for k in POLICY_DETAILS if k in source_details}
     seconds = time.perf_counter() - started
     log.info("merged %d adapter(s) into %s in %.1f s", sum(len(s.stack) for s in sources), out, seconds)
     return MergeResult(

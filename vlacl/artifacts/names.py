@@ -14,6 +14,13 @@ MATRIX_PNG_NAME: Final = "matrix.png"
 
 # eval_results
 RESULTS_NAME: Final = "results.parquet"
+"""One row per evaluated episode (see :mod:`vlacl.evaluation.results`)."""
+EVAL_INFO_NAME: Final = "eval_info.json"
+"""Per-task and overall success in LeRobot's eval_info shape, with Wilson intervals."""
+ERROR_MATRIX_CSV_NAME: Final = "error_matrix.csv"
+"""Offline suite: the mean normalized action MSE of every (stage, task) cell, in matrix.csv's layout."""
+VIDEOS_DIR: Final = "videos"
+"""Optional rollout videos: videos/<stage>/<task>/episode_<seed>.mp4."""
 
 # ds_stats
 STATS_NAME: Final = "stats.json"

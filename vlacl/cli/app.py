@@ -23,6 +23,7 @@ from vlacl.cli.collect_demos import collect_demos
 from vlacl.cli.compose_adapters import compose_adapters
 from vlacl.cli.context import ARGV_KEY
 from vlacl.cli.ds_stats import ds_stats
+from vlacl.cli.eval_suite import eval_suite
 from vlacl.cli.inspect_ckpt import inspect_ckpt
 from vlacl.cli.inspect_h5 import inspect_h5
 from vlacl.cli.logging_setup import configure_logging
@@ -135,6 +136,12 @@ app.command(
     "Several datasets, a key map and min/max normalization: "
     "`vlacl ds-stats data/pick data/place --keymap keymap.yaml --norm-mode min_max --out runs/stats`",
 )(ds_stats)
+app.command(
+    "eval-suite",
+    epilog="Example: `vlacl eval-suite runs/seq --suite metaworld:cw10 --trials 10 --workers 4 --out runs/seq-eval`\n\n"
+    "One of 8 array jobs on a GPU: `vlacl eval-suite runs/seq/task0 runs/seq/task1 --shard $SLURM_ARRAY_TASK_ID/8 "
+    "--device cuda --out runs/seq-eval-$SLURM_ARRAY_TASK_ID`",
+)(eval_suite)
 app.command(
     "inspect-h5",
     epilog="Example: `vlacl inspect-h5 libero_goal --sample-images 4`\n\n"

@@ -11,13 +11,25 @@ Files (names in :mod:`vlacl.artifacts.names`):
   training order.
 
 The two must agree; a reader that finds them disagreeing refuses the artifact.
+
+Manifest ``details`` that readers use (``eval-suite`` writes them):
+
+- ``suite``: the suite evaluated, e.g. ``metaworld:cw10``; ``offline`` for action errors, which hold
+  no success rates and which :func:`read_eval_results` refuses.
+- ``eval_id``, ``shard`` (``{"index": i, "count": n}``), ``stages`` and ``tasks``: one evaluation
+  split with ``--shard i/n`` gives ``n`` artifacts of one ``eval_id``, each holding only its own
+  episodes; :func:`join_shards` checks that all ``n`` are there once each and joins them into the
+  matrix of the whole evaluation (rows ``stages``, columns ``tasks``).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -31,6 +43,8 @@ STAGE_COL = "stage"
 TASK_COL = "task"
 SUCCESS_COL = "success"
 REQUIRED_COLUMNS: tuple[str, ...] = (STAGE_COL, TASK_COL, SUCCESS_COL)
+OFFLINE_SUITE = "offline"
+"""The ``suite`` of an offline evaluation (action errors against recorded episodes, no success)."""
 
 _TOLERANCE = 1e-9
 
@@ -116,20 +130,176 @@ def matrix_from_episodes(episodes: pd.DataFrame, stages: Sequence[str], tasks: S
     )
 
 
+def check_success_suite(artifact: Artifact) -> None:
+    """Refuse an ``eval_results`` artifact of the offline suite, which holds no success rates.
+
+    Raises:
+        InputFormatError: Its manifest's ``details["suite"]`` is ``offline``.
+    """
+    if artifact.manifest.details.get("suite") == OFFLINE_SUITE:
+        raise InputFormatError(
+            f"{artifact.path} is an offline evaluation (action errors, no success rates): cl-metrics needs a "
+            "rollout suite (metaworld:..., libero:...)"
+        )
+
+
 def read_eval_results(artifact: Artifact) -> ResultMatrix:
     """Read an ``eval_results`` artifact's matrix, with per-episode counts when it has them.
 
     Raises:
-        InputFormatError: ``matrix.csv`` is malformed, or it and ``results.parquet`` disagree.
+        InputFormatError: An offline evaluation, a malformed ``matrix.csv``, or one that
+            ``results.parquet`` disagrees with.
     """
+    matrix, episodes = _read_checked(artifact)
+    if episodes is None:
+        return matrix
+    rows = ([INIT_STAGE] if matrix.init is not None else []) + list(matrix.stages)
+    return matrix_from_episodes(episodes, rows, matrix.tasks)
+
+
+def _read_checked(artifact: Artifact) -> tuple[ResultMatrix, pd.DataFrame | None]:
+    """The artifact's ``matrix.csv`` and its per-episode rows (``None`` without them), checked to agree."""
+    check_success_suite(artifact)
     matrix = read_matrix(artifact.file(MATRIX_CSV_NAME))
     if not artifact.has_file(RESULTS_NAME):
-        return matrix
+        return matrix, None
     episodes = read_episodes(artifact.file(RESULTS_NAME))
     rows = ([INIT_STAGE] if matrix.init is not None else []) + list(matrix.stages)
-    from_episodes = matrix_from_episodes(episodes, rows, matrix.tasks)
-    _check_agree(matrix, from_episodes, artifact.path)
-    return from_episodes
+    _check_agree(matrix, matrix_from_episodes(episodes, rows, matrix.tasks), artifact.path)
+    return matrix, episodes
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where one ``eval_results`` artifact lies in a sharded evaluation (its manifest's details).
+
+    Attributes:
+        eval_id: Equal for every shard of one evaluation.
+        index: The shard's index, ``0 <= index < count``.
+        count: How many shards the evaluation was split into.
+        stages: Every stage of the evaluation, in training order.
+        tasks: Every task column of the evaluation.
+    """
+
+    eval_id: str
+    index: int
+    count: int
+    stages: tuple[str, ...]
+    tasks: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """``i/n``, as ``eval-suite --shard`` takes it."""
+        return f"{self.index}/{self.count}"
+
+
+def shard_info(artifact: Artifact) -> ShardInfo | None:
+    """The shard fields of an ``eval_results`` artifact's details; ``None`` when it records no ``shard``.
+
+    Raises:
+        InputFormatError: A ``shard`` whose fields are missing or malformed.
+    """
+    details = artifact.manifest.details
+    shard = details.get("shard")
+    if shard is None:
+        return None
+
+    def damaged(what: str) -> InputFormatError:
+        return InputFormatError(
+            f"{artifact.path}: the manifest's shard details are damaged ({what}): rerun `vlacl eval-suite`"
+        )
+
+    if not isinstance(shard, dict):
+        raise damaged(f"shard is {shard!r}")
+    index, count = shard.get("index"), shard.get("count")
+    if not _is_int(index) or not _is_int(count) or not 0 <= index < count:
+        raise damaged(f"shard index {index!r} of count {count!r}")
+    eval_id = details.get("eval_id")
+    if not isinstance(eval_id, str) or not eval_id:
+        raise damaged(f"eval_id is {eval_id!r}")
+    names: dict[str, tuple[str, ...]] = {}
+    for name in ("stages", "tasks"):
+        value = details.get(name)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise damaged(f"{name} is {value!r}, not a list of names")
+        names[name] = tuple(value)
+    return ShardInfo(eval_id=eval_id, index=index, count=count, stages=names["stages"], tasks=names["tasks"])
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_shards(shards: Sequence[tuple[Artifact, ShardInfo]]) -> None:
+    """Check that ``shards`` are every shard of one evaluation, each once.
+
+    Raises:
+        InputFormatError: Shards of several evaluations, of different shard counts, or of one count
+            with indices missing or given twice; the message names them and what to pass.
+    """
+    ids = {info.eval_id for _, info in shards}
+    if len(ids) > 1:
+        raise InputFormatError(f"cannot join shards of different evaluations (eval_id {', '.join(sorted(ids))})")
+    first, info = shards[0]
+    for other, other_info in shards[1:]:
+        if other_info.count != info.count:
+            raise InputFormatError(
+                f"shards of evaluation {info.eval_id[:12]} disagree on the shard count: {first.path} is shard "
+                f"{info.label}, {other.path} is shard {other_info.label}; pass the shards of one `vlacl eval-suite "
+                "--shard i/N` split (one N)"
+            )
+        if (other_info.stages, other_info.tasks) != (info.stages, info.tasks):
+            raise InputFormatError(
+                f"shards of evaluation {info.eval_id[:12]} disagree on the stages or tasks ({first.path} and "
+                f"{other.path}): their manifests are inconsistent; rerun `vlacl eval-suite` for them"
+            )
+    seen = Counter(i.index for _, i in shards)
+    missing = [i for i in range(info.count) if i not in seen]
+    twice = sorted(i for i, c in seen.items() if c > 1)
+    if not missing and not twice:
+        return
+    problems = []
+    if missing:
+        labels = ", ".join(f"{i}/{info.count}" for i in missing)
+        problems.append(f"shard(s) {labels} missing")
+    for index in twice:
+        paths = ", ".join(str(a.path) for a, i in shards if i.index == index)
+        problems.append(f"shard {index}/{info.count} given more than once ({paths})")
+    run_first = "; run the missing ones first" if missing else ""
+    raise InputFormatError(
+        f"the shards of evaluation {info.eval_id[:12]} do not fit together: {'; '.join(problems)}; pass each of "
+        f"its {info.count} shard directories once (`vlacl eval-suite ... --shard i/{info.count}` for i in "
+        f"0..{info.count - 1}{run_first})"
+    )
+
+
+def join_shards(shards: Sequence[tuple[Artifact, ShardInfo]]) -> ResultMatrix:
+    """The matrix, with counts, of a sharded evaluation from all its shards' per-episode rows.
+
+    Each shard is checked as :func:`read_eval_results` checks an artifact; the joined matrix has
+    the shards' ``stages`` (with ``init`` first when episodes were evaluated before training) and
+    ``tasks``.
+
+    Raises:
+        InputFormatError: :func:`check_shards` fails, an offline or inconsistent shard, or a shard
+            without ``results.parquet``.
+    """
+    check_shards(shards)
+    frames = []
+    for artifact, _ in shards:
+        _, episodes = _read_checked(artifact)
+        if episodes is None:
+            raise InputFormatError(
+                f"shard {artifact.path} has no {RESULTS_NAME}: shards are joined from their per-episode results; "
+                "rerun `vlacl eval-suite` for it"
+            )
+        frames.append(episodes)
+    episodes = pd.concat(frames, ignore_index=True)
+    info = shards[0][1]
+    stages = list(info.stages)
+    if INIT_STAGE not in stages and (episodes[STAGE_COL] == INIT_STAGE).any():
+        stages.insert(0, INIT_STAGE)
+    return matrix_from_episodes(episodes, stages, info.tasks)
 
 
 def _check_agree(matrix: ResultMatrix, built: ResultMatrix, where: Path) -> None:

@@ -1,4 +1,9 @@
-"""``cl-metrics`` as a library call: read runs, compute metrics and intervals, write the artifact."""
+"""``cl-metrics`` as a library call: read runs, compute metrics and intervals, write the artifact.
+
+Runs given as ``eval_results`` artifacts that are shards of one sharded ``eval-suite`` run (the
+same ``eval_id`` in their manifests, ``--shard i/n`` with ``n > 1``) become one run: their
+per-episode rows joined, the matrix rebuilt in the evaluation's stage and task order.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from vlacl.artifacts.writer import ArtifactWriter, check_output_dir
 from vlacl.config.cl_metrics import ClMetricsConfig
 from vlacl.config.core import dump_config
 from vlacl.errors import InputFormatError
-from vlacl.evaluation.results import read_eval_results
+from vlacl.evaluation.results import ShardInfo, check_success_suite, join_shards, read_eval_results, shard_info
 from vlacl.metrics.bootstrap import bootstrap_intervals
 from vlacl.metrics.cl import METRIC_NAMES, METRICS, unavailable_reason
 from vlacl.metrics.matrix import ResultMatrix, read_matrix
@@ -40,19 +45,37 @@ class MetricResult:
 
 @dataclass(frozen=True)
 class RunInput:
-    """A run to report on: its name, where it came from and its matrix."""
+    """A run to report on: its name, where it came from and its matrix.
+
+    Attributes:
+        name: The run's name.
+        path: The matrix file or ``eval_results`` directory (the first shard's, for a joined run).
+        matrix: The matrix, with counts where per-episode results exist.
+        artifact: The ``eval_results`` artifact, for a run read from one artifact.
+        shards: The ``eval_results`` shards joined into this run, in shard order (empty otherwise).
+    """
 
     name: str
     path: Path
     matrix: ResultMatrix
     artifact: Artifact | None
+    shards: tuple[Artifact, ...] = ()
 
     @property
     def source_csv(self) -> Path | None:
-        """The CSV file whose bytes are the matrix as read, if there is one."""
+        """The CSV file whose bytes are the matrix as read, if there is one (none for joined shards)."""
         if self.artifact is not None:
             return self.artifact.file(MATRIX_CSV_NAME)
+        if self.shards:
+            return None
         return self.path if self.path.suffix.lower() == ".csv" else None
+
+    @property
+    def source(self) -> str:
+        """Where the run came from, for reports: its path, or its shards' paths joined by ``, ``."""
+        if self.shards:
+            return ", ".join(str(a.path) for a in self.shards)
+        return str(self.path)
 
 
 @dataclass(frozen=True)
@@ -103,42 +126,150 @@ class ClMetricsResult:
         }
 
 
+def _split_spec(spec: str) -> tuple[str | None, Path]:
+    """``NAME=PATH`` -> ``(NAME, PATH)``; a bare ``PATH`` -> ``(None, PATH)``."""
+    name, sep, rest = spec.partition("=")
+    if sep and "/" not in name and not Path(spec).exists():
+        _check_name(name, spec)
+        return name, Path(rest)
+    return None, Path(spec)
+
+
+def _check_name(name: str, spec: str) -> None:
+    if not _NAME_RE.match(name):
+        raise InputFormatError(f"run name {name!r} (from {spec!r}) may only hold letters, digits, '.', '_' and '-'")
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
 def parse_run_spec(spec: str) -> tuple[str, Path]:
     """Split ``NAME=PATH`` (or a bare ``PATH``, named after its file or directory) into name and path.
 
     Raises:
         InputFormatError: The name holds characters other than letters, digits, ``.``, ``_``, ``-``.
     """
-    name, sep, rest = spec.partition("=")
-    if sep and "/" not in name and not Path(spec).exists():
-        path = Path(rest)
-    else:
-        path = Path(spec)
-        name = path.stem if path.suffix.lower() in (".csv", ".json") else path.name
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "run"
-    if not _NAME_RE.match(name):
-        raise InputFormatError(f"run name {name!r} (from {spec!r}) may only hold letters, digits, '.', '_' and '-'")
+    name, path = _split_spec(spec)
+    if name is None:
+        name = _safe_name(path.stem if path.suffix.lower() in (".csv", ".json") else path.name) or "run"
     return name, path
 
 
 def load_run(spec: str) -> RunInput:
     """Read one run: an ``eval_results`` artifact directory or a matrix ``.csv`` / ``.json`` file."""
+    return _load_single(spec, None)
+
+
+def _load_single(spec: str, artifact: Artifact | None) -> RunInput:
+    """:func:`load_run`, with the ``eval_results`` artifact of a directory ``spec`` when it is already open."""
     name, path = parse_run_spec(spec)
     if path.is_dir():
-        artifact = open_artifact(path, "eval_results")
+        artifact = artifact or open_artifact(path, "eval_results")
         run = RunInput(name=name, path=path, matrix=read_eval_results(artifact), artifact=artifact)
     else:
         run = RunInput(name=name, path=path, matrix=read_matrix(path), artifact=None)
+    _log_run(run)
+    return run
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One RUN argument that is a shard of a sharded evaluation."""
+
+    spec: str
+    name: str | None
+    artifact: Artifact
+    info: ShardInfo
+
+
+def load_runs(specs: Sequence[str]) -> list[tuple[RunInput, str]]:
+    """Read the runs of ``specs``, joining the shards of one sharded evaluation into one run.
+
+    A RUN argument that is an ``eval_results`` artifact whose manifest records shard ``i/n`` with
+    ``n > 1`` is joined with the other RUN arguments of the same ``eval_id`` (see
+    :func:`~vlacl.evaluation.results.join_shards`), at the place of the first of them. The joined
+    run is named by the ``NAME=`` given (on every shard or on one), else by the longest common
+    prefix of the shards' directory names (``.``, ``_``, ``-`` stripped off its end), else by the
+    first 8 characters of the ``eval_id``. An artifact of shard ``0/1`` is a run of its own.
+
+    Returns:
+        Each run with the RUN argument(s) it came from (joined by spaces), in the order given.
+
+    Raises:
+        InputFormatError: Unreadable or malformed input; an offline evaluation; shards missing,
+            given twice, of different shard counts, or named differently.
+    """
+    order: list[int | str] = []  # per run: the index of its spec, or the eval_id of its shards
+    artifacts: dict[int, Artifact | None] = {}
+    groups: dict[str, list[_Shard]] = {}
+    for i, spec in enumerate(specs):
+        name, path = _split_spec(spec)
+        artifact = None
+        if path.is_dir():
+            artifact = open_artifact(path, "eval_results")
+            check_success_suite(artifact)
+            info = shard_info(artifact)
+            if info is not None and info.count > 1:
+                if info.eval_id not in groups:
+                    groups[info.eval_id] = []
+                    order.append(info.eval_id)
+                groups[info.eval_id].append(_Shard(spec, name, artifact, info))
+                continue
+        artifacts[i] = artifact
+        order.append(i)
+    out: list[tuple[RunInput, str]] = []
+    for slot in order:
+        if isinstance(slot, int):
+            out.append((_load_single(specs[slot], artifacts[slot]), specs[slot]))
+        else:
+            shards = groups[slot]
+            out.append((_join_run(shards), " ".join(s.spec for s in shards)))
+    return out
+
+
+def _join_run(shards: Sequence[_Shard]) -> RunInput:
+    ordered = sorted(shards, key=lambda s: s.info.index)
+    matrix = join_shards([(s.artifact, s.info) for s in ordered])
+    run = RunInput(
+        name=_shard_run_name(ordered),
+        path=ordered[0].artifact.path,
+        matrix=matrix,
+        artifact=None,
+        shards=tuple(s.artifact for s in ordered),
+    )
+    log.debug("joined %d shards of evaluation %s into run %s", len(ordered), ordered[0].info.eval_id, run.name)
+    _log_run(run)
+    return run
+
+
+def _shard_run_name(shards: Sequence[_Shard]) -> str:
+    given = sorted({s.name for s in shards if s.name is not None})
+    if len(given) > 1:
+        raise InputFormatError(
+            f"the shards of evaluation {shards[0].info.eval_id[:12]} are named differently ({', '.join(given)}): "
+            "they make one run; give one NAME= (on every shard, or on one of them)"
+        )
+    if given:
+        return given[0]
+    names = [_safe_name(s.artifact.path.name) for s in shards]
+    prefix = names[0]
+    for name in names[1:]:
+        while not name.startswith(prefix):
+            prefix = prefix[:-1]
+    return prefix.rstrip("._-") or shards[0].info.eval_id[:8]
+
+
+def _log_run(run: RunInput) -> None:
     counts = run.matrix.counts
     log.debug(
         "run %s from %s: %d stages, %d tasks, %s episodes",
-        name,
-        path,
+        run.name,
+        run.source,
         len(run.matrix.stages),
         len(run.matrix.tasks),
         "no" if counts is None else counts.total,
     )
-    return run
 
 
 def compute_run_metrics(run: RunInput, cfg: ClMetricsConfig, matrix_file: str | None = None) -> RunMetrics:
@@ -178,7 +309,7 @@ def compute_run_metrics(run: RunInput, cfg: ClMetricsConfig, matrix_file: str | 
         key: MetricResult(value=values.get(key), ci=intervals.get(key), reason=reasons.get(key)) for key in METRIC_NAMES
     }
     return RunMetrics(
-        name=run.name, source=str(run.path), matrix=matrix, metrics=results, notes=tuple(notes), matrix_file=matrix_file
+        name=run.name, source=run.source, matrix=matrix, metrics=results, notes=tuple(notes), matrix_file=matrix_file
     )
 
 
@@ -202,7 +333,8 @@ def run_cl_metrics(
 
     Args:
         specs: Runs as ``PATH`` or ``NAME=PATH``; a path is an ``eval_results`` directory or a
-            matrix ``.csv`` / ``.json`` file.
+            matrix ``.csv`` / ``.json`` file. The shards of one sharded evaluation make one run
+            (:func:`load_runs`).
         cfg: Bootstrap and plot settings.
         out: Artifact directory to write (``metrics.json``, the matrices, ``matrix.png``).
         overwrite: Replace an existing artifact at ``out``.
@@ -216,9 +348,10 @@ def run_cl_metrics(
         raise InputFormatError("no runs given: pass a matrix .csv/.json file or an eval_results directory")
     if out is not None:
         check_output_dir(out, overwrite, kind="cl_metrics")
-    runs = [load_run(spec) for spec in specs]
+    loaded = load_runs(specs)
+    runs = [run for run, _ in loaded]
     seen: dict[str, str] = {}
-    for run, spec in zip(runs, specs, strict=True):
+    for run, spec in loaded:
         if run.name in seen:
             raise InputFormatError(
                 f"two runs are named {run.name!r} ({seen[run.name]} and {spec}): name them with NAME=PATH"
@@ -247,6 +380,11 @@ def run_cl_metrics(
                 target.write_text(run.matrix.to_csv(), encoding="utf-8")
             if run.artifact is not None:
                 writer.add_input(f"run:{run.name}", run.artifact)
+            elif run.shards:
+                for shard in run.shards:
+                    info = shard_info(shard)
+                    label = "" if info is None else f":shard{info.index}"
+                    writer.add_input(f"run:{run.name}{label}", shard)
             else:
                 writer.add_file_input(f"run:{run.name}", run.path)
         (writer.path / METRICS_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,17 +1,19 @@
-"""Load a trained policy from a task checkpoint, for evaluation and inference.
+"""Load a trained policy from a task checkpoint or a merged policy, for evaluation and inference.
 
-:func:`load_policy` verifies the checkpoint's manifest, loads its base model (from the manifest's
-``base_model`` or ``model_path``), puts its adapters on as the checkpoint's mode says (``per-task``:
-the adapter of ``task``), rebuilds the head from ``details["head_config"]`` and returns it in eval
-mode with what a caller needs to feed it: the normalizer of ``stats.json``, the key map, the window
-and the cameras.
+:func:`load_policy` verifies the artifact's manifest, loads its base model (a task checkpoint's
+``base_model`` or ``model_path``; a merged model is its own base), puts a checkpoint's adapters on as
+its mode says (``per-task``: the adapter of ``task``), rebuilds the head from the recorded
+``head_config`` and returns it in eval mode with what a caller needs to feed it: the normalizer of
+``stats.json``, the key map, the window and the cameras. A caller that evaluates several
+checkpoints of one base model passes the loaded base as ``backbone`` and takes the adapters off
+again with :func:`release_backbone`: the base model is read once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -20,9 +22,13 @@ from vlacl.data.features import ACTION, STATE, image_key
 from vlacl.data.keymap import KeyMap
 from vlacl.data.normalize import Normalizer
 from vlacl.data.windows import WindowSpec
-from vlacl.errors import ArtifactError
+from vlacl.errors import ArtifactError, ConfigError
+from vlacl.models.base import Backbone
 from vlacl.models.policy import Policy
 from vlacl.training.model import HEAD_CONFIG_KEY
+
+POLICY_KINDS = ("task_checkpoint", "merged_model")
+"""Artifact kinds :func:`load_policy` reads."""
 
 
 @dataclass
@@ -62,6 +68,49 @@ class LoadedPolicy:
         return self.active_adapters
 
 
+def policy_details(details: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
+    """The policy's details of a manifest: a task checkpoint's own, a merged model's ``policy`` entry.
+
+    Raises:
+        ArtifactError: A merged model made without a task checkpoint (plain adapters): it has no action head.
+    """
+    if kind == "task_checkpoint":
+        return details
+    policy = details.get("policy")
+    if not isinstance(policy, dict):
+        raise ArtifactError(
+            f"merged model {path} was merged from plain adapters, not a task checkpoint: it has no action head; "
+            "merge a task checkpoint with `vlacl merge-lora <checkpoint>`"
+        )
+    return policy
+
+
+def model_source(details: dict[str, Any], kind: str, path: Path) -> str:
+    """The base model an artifact's policy loads: a task checkpoint's ``base_model``, a merged model itself."""
+    if kind == "merged_model":
+        return str(path)
+    return _base_model(details, path)
+
+
+def release_backbone(loaded: LoadedPolicy) -> Backbone:
+    """Take a loaded policy's adapters off its backbone and return the bare base model, for the next checkpoint.
+
+    Raises:
+        ConfigError: The checkpoint changed backbone weights (``--finetune full``/``last-n``): the base
+            model must be read again.
+    """
+    setup = loaded.setup
+    if setup is None:
+        return loaded.policy.backbone
+    if setup.changed:
+        raise ConfigError(f"{loaded.path} changed backbone weights: load the base model again for the next policy")
+    peft = setup.peft_model
+    if peft is None:
+        return cast("Backbone", setup.base)
+    peft.unload()
+    return cast("Backbone", setup.base)
+
+
 def _base_model(details: dict[str, Any], ckpt: Path) -> str:
     recorded = details.get("base_model")
     if not isinstance(recorded, str):
@@ -81,17 +130,21 @@ def load_policy(
     task: str | int | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    backbone: Backbone | None = None,
 ) -> LoadedPolicy:
-    """Load the policy of a task checkpoint in eval mode.
+    """Load the policy of a task checkpoint (or a merged model of one) in eval mode.
 
     Args:
-        ckpt_dir: A ``task_checkpoint`` directory (``vlacl train-task``); its manifest is verified.
+        ckpt_dir: A ``task_checkpoint`` directory (``vlacl train-task``) or a ``merged_model`` directory
+            (``vlacl merge-lora`` of a task checkpoint); its manifest is verified.
         model_path: The base model; none takes the manifest's ``base_model`` (relative to the checkpoint).
         device: Where the policy goes.
         task: The task (name or stream index) whose adapter serves in ``per-task`` mode; none keeps
             the checkpoint's own (its last) adapter. Other modes keep every adapter active.
         dtype: The backbone's weights' dtype (none: float32 for the tiny model, the loader's choice otherwise).
         trust_remote_code: Let a Hugging Face model run code from its directory.
+        backbone: The base model already loaded and bare (no adapters), e.g. from
+            :func:`release_backbone`; it is used instead of reading ``model_path``.
 
     Raises:
         ArtifactError: An incomplete or edited checkpoint, or one that does not fit the base model.
@@ -108,17 +161,24 @@ def load_policy(
     from vlacl.training.data import task_normalizer
 
     path = Path(ckpt_dir)
-    artifact = open_artifact(path, "task_checkpoint", verify=True)
-    details = dict(artifact.manifest.details)
+    artifact = open_artifact(path, POLICY_KINDS, verify=True)
+    details = policy_details(dict(artifact.manifest.details), artifact.kind, path)
     head_config = details.get(HEAD_CONFIG_KEY)
     if not isinstance(head_config, dict):
-        raise ArtifactError(f"task checkpoint {path} has no {HEAD_CONFIG_KEY} in its manifest: it is damaged")
-    model = str(model_path) if model_path is not None else _base_model(details, path)
-    backbone = load_backbone(model, trust_remote_code=trust_remote_code, dtype=dtype)
-    setup = load_for_inference(backbone, path)
-    active = activate_for_task(setup, task) if task is not None else setup.active_adapters()
+        raise ArtifactError(f"{artifact.kind} {path} has no {HEAD_CONFIG_KEY} in its manifest: it is damaged")
+    if backbone is None:
+        model = str(model_path) if model_path is not None else model_source(details, artifact.kind, path)
+        backbone = load_backbone(model, trust_remote_code=trust_remote_code, dtype=dtype)
+    setup: Any = None
+    active: tuple[str, ...] = ()
+    if artifact.kind == "task_checkpoint":
+        setup = load_for_inference(backbone, path)
+        active = activate_for_task(setup, task) if task is not None else setup.active_adapters()
+        backbone = setup.backbone
+    else:
+        backbone.requires_grad_(False)  # type: ignore[attr-defined]
     source = f"{path / ACTION_HEAD_NAME}"
-    policy = policy_from_head_config(head_config, setup.backbone, source=f"{path} head_config")
+    policy = policy_from_head_config(head_config, backbone, source=f"{path} head_config")
     policy.load_head_state_dict(load_file(source), source=source)
     policy.to(device)
     policy.requires_grad_(False)
