@@ -301,3 +301,18 @@ def test_offline_suite_scores_held_out_episodes_and_cl_metrics_refuses_it(chain:
     refused = CliRunner().invoke(app, ["cl-metrics", str(out)])
     assert refused.exit_code == 1
     assert "offline evaluation" in refused.stderr
+
+
+def test_a_merged_policy_evaluates_like_its_checkpoint(chain: Chain, tmp_path: Path) -> None:
+    from vlacl.models.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    ckpt, merged = tmp_path / "ckpt", tmp_path / "merged"
+    invoke("-q", "train-task", "--dataset", str(chain.data), "--stats", str(chain.stats), "--model", str(model),
+           "--steps", "4", "--batch-size", "8", "--out", str(ckpt))  # fmt: skip
+    invoke("-q", "merge-lora", str(ckpt), "--out", str(merged))
+    from_ckpt = run_eval_suite([ckpt], small(), out=None)
+    from_merged = run_eval_suite([merged], small(), out=None)  # suite auto: the datasets of its checkpoint
+    same = ["stage", "task", "trial", "seed", "success", "steps"]
+    pd.testing.assert_frame_equal(from_merged.episodes[same], from_ckpt.episodes[same])
+    np.testing.assert_allclose(from_merged.episodes["return"], from_ckpt.episodes["return"], rtol=1e-5)

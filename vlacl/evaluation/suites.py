@@ -44,15 +44,22 @@ class Suite:
 
 
 def training_datasets(ref: CheckpointRef) -> list[Path]:
-    """The dataset directories (or files) a checkpoint was trained on, from its manifest's inputs."""
+    """The dataset directories (or files) a checkpoint (or the checkpoint a merged model came from) was trained on."""
+    return _datasets_of(ref.path, depth=2)
+
+
+def _datasets_of(directory: Path, depth: int) -> list[Path]:
     from vlacl.artifacts.reader import open_artifact
 
-    artifact = open_artifact(ref.path)
     found: list[Path] = []
-    for item in artifact.manifest.inputs:
+    for item in open_artifact(directory).manifest.inputs:
+        path = Path(item.path) if Path(item.path).is_absolute() else directory / item.path
+        if item.kind == "task_checkpoint" and item.role.startswith("adapter:") and depth > 1:
+            if (path / MANIFEST_NAME).is_file():
+                found.extend(_datasets_of(path, depth - 1))  # a merged model: its checkpoint's datasets
+            continue
         if item.role != "dataset" and not item.role.startswith("dataset:"):
             continue
-        path = Path(item.path) if Path(item.path).is_absolute() else ref.path / item.path
         if item.kind == "file" and path.name == "info.json":
             path = path.parent.parent  # <dataset>/meta/info.json
         found.append(path)
