@@ -37,17 +37,17 @@ MIN_EFFICIENCY = 0.8
 TASKS = "reach-v3,button-press-topdown-v3,window-close-v3,faucet-close-v3"
 
 
-def vlacl(*args: str) -> None:
+def cli(*args: str) -> None:
     """Run a vlacl command in a subprocess, quietly."""
     subprocess.run([sys.executable, "-m", "vlacl", "-q", *args], check=True, stdout=subprocess.DEVNULL)
 
 
 def build(root: Path, tasks: str) -> Path:
     """Demos, stats and one task checkpoint; returns the checkpoint."""
-    vlacl("collect-demos", "--stream", tasks, "--episodes-per-task", "2", "--out", str(root / "data"))
-    vlacl("ds-stats", str(root / "data"), "--out", str(root / "stats"))
+    cli("collect-demos", "--stream", tasks, "--episodes-per-task", "2", "--out", str(root / "data"))
+    cli("ds-stats", str(root / "data"), "--out", str(root / "stats"))
     ckpt = root / "task0"
-    vlacl("train-task", "--dataset", str(root / "data"), "--stats", str(root / "stats"), "--steps", "5",
+    cli("train-task", "--dataset", str(root / "data"), "--stats", str(root / "stats"), "--steps", "5",
           "--out", str(ckpt))  # fmt: skip
     return ckpt
 
