@@ -9,7 +9,10 @@ instruction: see :mod:`vlacl.models.hf_families`) and runs the processor; every 
 goes into its prompt as one image, in the order of the batch's keys (Kosmos-2, which holds one
 image, takes the first camera). The tokens are padded to a fixed length, the prompt's length
 without instruction plus ``text_tokens``, so that shapes stay the same from batch to batch; a
-longer instruction is kept whole, and that batch is padded to its longest prompt.
+longer instruction is kept whole, and that batch is padded to its longest prompt. Floating-point
+outputs (pixel values) are cast to the model's dtype there, on the CPU. For Qwen-VL, ``prepare`` also
+computes the 3D rope positions (``position_ids``) and the forward passes the vision tower's packing
+precomputed and runs its attention batched (:mod:`vlacl.models.qwen_vl`).
 
 :meth:`HFBackbone.forward` runs the family's base model (vision tower, features merged into the
 token embeddings, language model; no LM head, no ``output_hidden_states``) and pools each frame's
@@ -34,6 +37,7 @@ from vlacl.errors import ConfigError, InputFormatError
 
 from .hf_families import (
     FAMILY_BY_MODEL_TYPE,
+    QWEN_FAMILIES,
     Family,
     flatten_images,
     language_hidden,
@@ -51,6 +55,9 @@ SEQUENCE_KEYS: Final = frozenset(
     {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "image_embeds_position_mask"}
 )
 """Processor outputs of shape ``(N, L)``, padded together."""
+
+PRECOMPUTED_KEYS: Final = ("position_ids",)
+"""Inputs :meth:`HFBackbone.prepare` computes beside the processor's (Qwen-VL's 3D rope positions, ``(N, 3, L)``)."""
 
 DEFAULT_TEXT_TOKENS: Final = 32
 """Instruction tokens the fixed prompt length leaves room for: robot instructions are a sentence."""
@@ -84,6 +91,13 @@ class HFBackbone(nn.Module):
         self.hidden_size = embeddings.embedding_dim
         self._base_lengths: dict[tuple[tuple[int, ...], ...], int] = {}
         self._warned: set[str] = set()
+        self._layouts: Any = None
+        if family.name in QWEN_FAMILIES:
+            from .qwen_vl import VisionLayouts, install_batched_vision_attention
+
+            visual = model.get_submodule(family.vision_paths[0])
+            self._layouts = VisionLayouts(visual)
+            install_batched_vision_attention(visual)
 
     def prepare(self, images: Mapping[str, torch.Tensor], instructions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Prompts and processor outputs for ``N`` frames; every tensor has a leading ``N``.
@@ -129,16 +143,30 @@ class HFBackbone(nn.Module):
             )
         else:
             encoded = self._pad(encoded, length)
+        if self.spec.name in QWEN_FAMILIES:
+            from .qwen_vl import rope_positions_of
+
+            positions = rope_positions_of(encoded, int(cast(Any, self.model).config.vision_config.spatial_merge_size))
+            if positions is not None:
+                encoded["position_ids"] = positions  # (N, 3, L)
+        dtype: torch.dtype = cast(Any, self.model).dtype
+        for name, value in encoded.items():
+            if value.is_floating_point():
+                encoded[name] = value.to(dtype)  # the model's dtype here, in the workers: half the bytes to copy
         return per_frame(self.spec, encoded, frames)
 
     def forward(self, inputs: Mapping[str, torch.Tensor], state: torch.Tensor | None = None) -> torch.Tensor:
         """One float32 feature per frame ``(N, D)``: the last non-padding token's last hidden state."""
-        model_inputs = flatten_images(self.spec, {k: inputs[k] for k in self.spec.input_keys if k in inputs})
+        keys = (*self.spec.input_keys, *PRECOMPUTED_KEYS)
+        model_inputs = flatten_images(self.spec, {k: inputs[k] for k in keys if k in inputs})
         dtype: torch.dtype = cast(Any, self.model).dtype
         for key, value in model_inputs.items():
             if value.is_floating_point():
                 model_inputs[key] = value.to(dtype)
-        hidden = language_hidden(self.spec, self.model, model_inputs)  # (N, L, D)
+        extra = None
+        if self._layouts is not None and "image_grid_thw" in model_inputs and "pixel_values" in model_inputs:
+            extra = self._layouts(model_inputs["image_grid_thw"])
+        hidden = language_hidden(self.spec, self.model, model_inputs, extra)  # (N, L, D)
         mask = model_inputs["attention_mask"]
         positions = torch.arange(mask.shape[1], device=mask.device)
         last = (mask.long() * positions).argmax(dim=1)  # (N,): last attended token, either padding side
@@ -215,6 +243,11 @@ class HFBackbone(nn.Module):
             fill = pad_id if key == "input_ids" else 0
             pad = torch.full((value.shape[0], extra), fill, dtype=value.dtype, device=value.device)
             out[key] = torch.cat([pad, value] if left else [value, pad], dim=1)  # (N, L) -> (N, length)
+        if "position_ids" in encoded:
+            value = encoded["position_ids"]
+            pad = value.new_zeros((*value.shape[:-1], extra))
+            # (N, 3, L) -> (N, 3, length): padding has position 0, as get_rope_index gives it
+            out["position_ids"] = torch.cat([pad, value] if left else [value, pad], dim=-1)
         return out
 
     def _warn_once(self, what: str, message: str) -> None:

@@ -22,7 +22,7 @@ Prompt formats (``n`` = images of the frame, ``instr`` = the instruction):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -67,6 +67,8 @@ class Family:
 QWEN_TURN: Final = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 QWEN_IMAGE: Final = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_ATTENTION: Final = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+QWEN_FAMILIES: Final = frozenset({"qwen2_5_vl", "qwen2_vl"})
+"""Families of the Qwen-VL layout (packed patches, ``image_grid_thw``, 3D rope positions)."""
 
 QWEN2_5_VL: Final = Family(
     name="qwen2_5_vl",
@@ -144,9 +146,11 @@ def prompt(family: Family, processor: Any, instruction: str, images: int) -> str
 def flatten_images(family: Family, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Undo the per-frame layout :func:`per_frame` gave the image tensors: the model's own layout."""
     out = dict(inputs)
-    if family.name in ("qwen2_5_vl", "qwen2_vl"):
+    if family.name in QWEN_FAMILIES:
         out["pixel_values"] = inputs["pixel_values"].flatten(0, 1)  # (N, P, D) -> (N * P, D)
         out["image_grid_thw"] = inputs["image_grid_thw"].flatten(0, 1)  # (N, n, 3) -> (N * n, 3)
+        if "position_ids" in inputs:
+            out["position_ids"] = inputs["position_ids"].transpose(0, 1).contiguous()  # (N, 3, L) -> (3, N, L)
     elif family.name == "paligemma":
         out["pixel_values"] = inputs["pixel_values"].flatten(0, 1)  # (N, n, C, H, W) -> (N * n, C, H, W)
     return out
@@ -155,7 +159,7 @@ def flatten_images(family: Family, inputs: dict[str, torch.Tensor]) -> dict[str,
 def per_frame(family: Family, inputs: dict[str, torch.Tensor], frames: int) -> dict[str, torch.Tensor]:
     """Give every image tensor a leading frame dimension ``N``, so that batches stack and split by frame."""
     out = dict(inputs)
-    if family.name in ("qwen2_5_vl", "qwen2_vl"):
+    if family.name in QWEN_FAMILIES:
         pixels = inputs["pixel_values"]
         out["pixel_values"] = pixels.reshape(frames, -1, pixels.shape[-1])  # (N * P, D) -> (N, P, D)
         out["image_grid_thw"] = inputs["image_grid_thw"].reshape(frames, -1, 3)  # (N * n, 3) -> (N, n, 3)
@@ -165,8 +169,13 @@ def per_frame(family: Family, inputs: dict[str, torch.Tensor], frames: int) -> d
     return out
 
 
-def language_hidden(family: Family, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The language model's last hidden states ``(N, L, D)``, image features merged, no LM head."""
+def language_hidden(
+    family: Family, model: Any, inputs: dict[str, torch.Tensor], extra: Mapping[str, Any] | None = None
+) -> torch.Tensor:
+    """The language model's last hidden states ``(N, L, D)``, image features merged, no LM head.
+
+    ``extra``: more arguments of the base model's forward (Qwen-VL: the precomputed ``image_*`` packing).
+    """
     if family.name == "kosmos2":
         # Kosmos2ForConditionalGeneration.forward, less the LM head: vision -> projection -> text decoder
         vision = model.vision_model(pixel_values=inputs["pixel_values"])
@@ -183,7 +192,7 @@ def language_hidden(family: Family, model: Any, inputs: dict[str, torch.Tensor])
         )
         return out.last_hidden_state  # type: ignore[no-any-return]
     # the base model (…ForConditionalGeneration.model): vision tower, merge, decoder; no LM head
-    out = model.model(**inputs, use_cache=False, return_dict=True)
+    out = model.model(**inputs, **(extra or {}), use_cache=False, return_dict=True)
     return out.last_hidden_state  # type: ignore[no-any-return]
 
 

@@ -148,7 +148,7 @@ def _device(cfg: TrainTaskConfig) -> str:
 def _make_accelerator(cfg: TrainTaskConfig) -> Any:
     from accelerate import Accelerator  # type: ignore[import-untyped]
     from accelerate.state import AcceleratorState  # type: ignore[import-untyped]
-    from accelerate.utils import DistributedDataParallelKwargs  # type: ignore[import-untyped]
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs  # type: ignore[import-untyped]
 
     device = _device(cfg)
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=cfg.two_stage)]
@@ -156,7 +156,14 @@ def _make_accelerator(cfg: TrainTaskConfig) -> Any:
     # (a library caller, a test) with another precision must start from a fresh one. The process
     # group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=_precision(cfg, device), cpu=device == "cpu", kwargs_handlers=kwargs)
+    # non-blocking host-to-device copies of the pinned batches: the copy overlaps the step's compute
+    loading = DataLoaderConfiguration(non_blocking=True)
+    return Accelerator(
+        mixed_precision=_precision(cfg, device),
+        cpu=device == "cpu",
+        kwargs_handlers=kwargs,
+        dataloader_config=loading,
+    )
 
 
 def _check_prev(prev: Any, cfg: TrainTaskConfig, stats_fingerprint: str) -> None:
