@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -365,6 +366,7 @@ _WORKER: _Worker | None = None
 
 def _init_worker(spec: WorkerSpec) -> None:
     global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the pool
     torch.set_num_threads(spec.threads)
     _WORKER = _Worker(spec)
 
@@ -528,17 +530,27 @@ def run_eval_suite(
     steps_total = 0
     if progress is not None:
         progress(done_eps, total, successes)
-    for group, rows, sim_s, policy_s, steps in _iterate(todo, spec, cfg.workers):
-        if store is not None:
-            store.save(group, rows)
-        frames.append(pd.DataFrame(rows, columns=list(COLUMNS)))
-        done_eps += len(rows)
-        successes += sum(bool(r["success"]) for r in rows)
-        sim_total += sim_s
-        policy_total += policy_s
-        steps_total += steps
-        if progress is not None:
-            progress(done_eps, total, successes)
+    try:
+        for group, rows, sim_s, policy_s, steps in _iterate(todo, spec, cfg.workers):
+            if store is not None:
+                store.save(group, rows)
+            frames.append(pd.DataFrame(rows, columns=list(COLUMNS)))
+            done_eps += len(rows)
+            successes += sum(bool(r["success"]) for r in rows)
+            sim_total += sim_s
+            policy_total += policy_s
+            steps_total += steps
+            if progress is not None:
+                progress(done_eps, total, successes)
+    except BaseException:
+        if store is not None and done_eps:
+            log.warning(
+                "stopped with %d of %d episodes done; they are kept in %s: rerun the same command to continue",
+                done_eps,
+                total,
+                store.dir,
+            )
+        raise
     episodes = _sorted(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS)))
     seconds = time.perf_counter() - started
     info = eval_info(episodes, suite, stages, seconds)
