@@ -41,6 +41,9 @@ class Backbone(Protocol):
         takes_state: The backbone embeds ``observation.state`` itself (as a token); otherwise the
             policy projects the state next to the backbone feature.
 
+    Optional: ``compile_regions() -> Sequence[nn.Module]``, the repeated blocks ``train-task --compile``
+    compiles one by one (the language model's and the vision tower's); without it, :meth:`layer_modules`.
+
     Optional: ``pad_inputs(inputs, length) -> dict`` pads :meth:`prepare`'s token tensors to
     ``length`` as ``prepare`` itself would, so that batches prepared apart (a task's batch and
     replayed samples) can be joined by :meth:`~vlacl.models.policy.Policy.concat`.

@@ -210,6 +210,28 @@ class HFBackbone(nn.Module):
             raise InputFormatError(f"{self.spec.layers_path} of {self.spec.model_class} is not a list of layers")
         return list(layers)
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in the backward pass (``--activation-checkpointing``).
+
+        transformers' non-reentrant checkpointing of every decoder layer and vision block; it also
+        runs inside blocks compiled by ``--compile``, where the compiler keeps the recomputation.
+        """
+        model = cast(Any, self.model)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+
+    def compile_regions(self) -> list[nn.Module]:
+        """The blocks ``--compile`` compiles: the decoder layers, then the vision tower's blocks.
+
+        The vision tower's blocks are the entries of its lists of modules of one class
+        (``visual.blocks`` of Qwen-VL, ``encoder.layers`` of SigLIP and the other towers); a list
+        inside such a block is part of the block.
+        """
+        regions = list(self.layer_modules())
+        for path in self.spec.vision_paths:
+            regions += _block_lists(self.model.get_submodule(path))
+        return regions
+
     def _linear_names(self, path: str) -> list[str]:
         scope = self.model.get_submodule(path)
         return [f"{path}.{name}" for name, module in scope.named_modules() if isinstance(module, nn.Linear)]
@@ -254,6 +276,19 @@ class HFBackbone(nn.Module):
         if what not in self._warned:
             self._warned.add(what)
             log.warning(message)
+
+
+def _block_lists(scope: nn.Module) -> list[nn.Module]:
+    """The entries of the outermost ``nn.ModuleList`` s under ``scope`` whose entries are all of one class."""
+    blocks: list[nn.Module] = []
+    taken: list[str] = []
+    for name, module in scope.named_modules():
+        if any(name.startswith(f"{prefix}.") for prefix in taken):
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            taken.append(name)
+            blocks += list(module)
+    return blocks
 
 
 def _name_pattern(names: Sequence[str]) -> str:

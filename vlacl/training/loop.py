@@ -166,6 +166,16 @@ def _make_accelerator(cfg: TrainTaskConfig) -> Any:
     )
 
 
+def _check_compile(cfg: TrainTaskConfig, accelerator: Any) -> None:
+    """Refuse ``--compile`` under FSDP or DeepSpeed, whose hooks on the blocks the compiled code would trace."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if cfg.compile and kind in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(
+            f"--compile compiles the backbone's blocks for a single process or DDP, but accelerate runs {kind}: "
+            "drop --compile, or launch with a DDP accelerate config (multi-GPU, no FSDP or DeepSpeed)"
+        )
+
+
 def _check_prev(prev: Any, cfg: TrainTaskConfig, stats_fingerprint: str) -> None:
     """Refuse a previous checkpoint of another base model or other stats."""
     details = prev.manifest.details
@@ -290,6 +300,7 @@ def run_train_task(
             "choose another --out"
         )
     accelerator = _make_accelerator(cfg)
+    _check_compile(cfg, accelerator)
     set_seed(cfg.seed)
     stats = load_stats(cfg.stats)
     keymap = load_keymap(cfg.keymap)

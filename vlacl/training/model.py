@@ -15,9 +15,13 @@ from vlacl.artifacts.names import ACTION_HEAD_NAME
 from vlacl.config.train_task import TrainTaskConfig
 from vlacl.data.features import ACTION, STATE, role_of
 from vlacl.data.normalize import StatsFile
+from vlacl.errors import ConfigError
 from vlacl.training.data import TaskData
 
 log = logging.getLogger(__name__)
+
+RECOMPILE_LIMIT = 64
+"""Compiled variants dynamo keeps per code with ``--compile`` (its default 8 is too few when blocks share one)."""
 
 HEAD_CONFIG_KEY = "head_config"
 """Manifest details key of the head's config (what rebuilds the head around action_head.safetensors)."""
@@ -143,4 +147,48 @@ def build_model(
     for param in policy.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    if cfg.compile:
+        compile_backbone(setup.base, device_type)
     return BuiltModel(policy, setup)
+
+
+def compile_regions(backbone: Any) -> list[torch.nn.Module]:
+    """The blocks ``--compile`` compiles: the backbone's ``compile_regions()``, else its ``layer_modules()``."""
+    regions = getattr(backbone, "compile_regions", None)
+    return list(regions() if regions is not None else backbone.layer_modules())
+
+
+def compile_backbone(backbone: Any, device_type: str) -> list[torch.nn.Module]:
+    """Compile each of the backbone's blocks in place with ``torch.compile`` (regional compilation); return them.
+
+    Called once LoRA is attached (PEFT replaces the blocks' linear layers) and before the
+    accelerator wraps the policy (DDP). ``nn.Module.compile`` keeps the modules and their
+    parameter names, so state dicts, PEFT's adapter files and the optimizer state are those of an
+    uncompiled run. Each block is compiled on its first call, then reused by every block of the
+    same code.
+
+    Shapes: ``dynamic=None`` (torch's default): a block is first compiled for the shapes it sees,
+    and a size that later changes (a batch padded to a longer instruction, a smaller last
+    validation batch, the vision tower's full-attention blocks among its window blocks) is
+    compiled once more as a dynamic size, after which it no longer recompiles. Every transformers
+    layer runs the same wrapper code (its gradient checkpointing wrapper), whose compiled variants
+    (vision and language blocks, training and evaluation, gradient or not at the input) share one
+    cache; dynamo's limit of 8 variants per code is raised to :data:`RECOMPILE_LIMIT` so that
+    none falls back to eager.
+    """
+    import torch._dynamo.config
+
+    regions = compile_regions(backbone)
+    if not regions:
+        raise ConfigError(
+            f"--compile: the {getattr(backbone, 'family', type(backbone).__name__)} backbone names no blocks to "
+            "compile; drop --compile"
+        )
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for region in regions:
+        region.compile(dynamic=None, mode=None)
+    kinds = sorted({type(region).__name__ for region in regions})
+    log.info("--compile: %d blocks (%s) compiled on their first call", len(regions), ", ".join(kinds))
+    if device_type != "cuda":
+        log.info("--compile on %s: compilation mostly helps on GPUs, where it fuses the blocks' kernels", device_type)
+    return regions
