@@ -121,3 +121,16 @@ def test_registry() -> None:
         get_algorithm("ewc-typo")
     with pytest.raises(ValueError, match="already registered"):
         register("seq")(Spy)
+
+
+def test_a_stream_continued_with_another_cl_warns(
+    stream: Stream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """seq keeps no state, so er after it starts with an empty memory: that must not pass silently."""
+    run_train_task(stream.config(steps=1), out=tmp_path / "t0")
+    with caplog.at_level("WARNING", logger="vlacl.training.loop"):
+        run_train_task(stream.config(steps=1, cl="er", task="#1"), out=tmp_path / "t1", prev=tmp_path / "t0")
+    (line,) = [r.getMessage() for r in caplog.records if "does not carry over" in r.getMessage()]
+    assert "--cl seq" in line
+    assert "--cl er" in line
+    assert "train every task of a stream with one --cl" in line

@@ -331,13 +331,13 @@ def run_train_task(
         prev_algo = prev_artifact.manifest.details.get("cl_algorithm")
         if prev_cl is not None and prev_algo == algo.name:
             algo.load_state_dict(prev_cl)
-        elif prev_cl and prev_algo != algo.name:
+        elif prev_algo is not None and prev_algo != algo.name:
             log.warning(
                 "--prev %s was trained with --cl %s; its CL state (%s) does not carry over to --cl %s, which starts "
-                "with none",
+                "with none (no memory or penalty of the earlier tasks): train every task of a stream with one --cl",
                 prev_artifact.path,
                 prev_algo,
-                ", ".join(sorted(prev_cl)[:4]),
+                ", ".join(sorted(prev_cl or {})[:4]) or "empty",
                 algo.name,
             )
     trainer = _Trainer(cfg, accelerator, data, built, algo, out, rdir, prev, progress, stop)
