@@ -33,7 +33,7 @@ completions: install
 	done
 
 quickstart: install
-	$(BIN)/vlacl cl-metrics examples/matrices/cw4-seq.csv examples/matrices/cw4-er.csv --out runs/quickstart --overwrite
+	PATH="$(abspath $(BIN)):$$PATH" bash examples/quickstart.sh runs/quickstart
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .hypothesis
