@@ -11,7 +11,7 @@ count; ``--check`` exits with 1 when it is missed.
 
 Usage::
 
-    .venv/bin/python bench/bench_eval.py                      # 2 workers, 4 tasks x 12 trials
+    .venv/bin/python bench/bench_eval.py                      # N = the core count, 4 tasks x 16 trials
     .venv/bin/python bench/bench_eval.py --workers 4 --trials 24 --check
 """
 
@@ -71,9 +71,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=TASKS, help="Meta-World tasks, comma-separated")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N (default: the core count)")
-    parser.add_argument("--trials", type=int, default=12, help="episodes per task")
+    parser.add_argument("--trials", type=int, default=16, help="episodes per task")
     parser.add_argument("--envs", type=int, default=4, help="environments per worker group")
-    parser.add_argument("--max-steps", type=int, default=300, help="step budget of an episode")
+    parser.add_argument("--max-steps", type=int, default=500, help="step budget of an episode (Meta-World's own)")
     parser.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the median is reported")
     parser.add_argument("--check", action="store_true", help="exit 1 when the efficiency target is missed")
     args = parser.parse_args()

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from vlacl.artifacts.names import EVAL_INFO_NAME, MATRIX_CSV_NAME, RESULTS_NAME
-from vlacl.artifacts.reader import open_artifact
+from vlacl.artifacts.reader import lineage, open_artifact
 from vlacl.cli.app import app
 from vlacl.config.eval_suite import EvalSuiteConfig, parse_shard
 from vlacl.errors import ArtifactError, ConfigError
@@ -152,8 +152,12 @@ def test_the_chain_writes_results_a_matrix_and_eval_info(chain: Chain, tmp_path:
 
     metrics = invoke("cl-metrics", str(out), "--out", str(tmp_path / "metrics"))
     assert "plasticity" in metrics.stdout
-    lineage = open_artifact(tmp_path / "metrics", "cl_metrics").manifest.inputs
-    assert any(i.kind == "eval_results" for i in lineage)
+    nodes = lineage(open_artifact(tmp_path / "metrics", "cl_metrics"))
+    assert {n.kind for n in nodes} >= {"eval_results", "task_checkpoint", "ds_stats", "dataset"}
+    assert all(n.status == "ok" for n in nodes)  # every artifact of the chain is where it was, unchanged
+    second = open_artifact(chain.checkpoints[1], "task_checkpoint", verify=True).manifest
+    assert second.details["cl_algorithm"] == "seq"
+    assert {i.role for i in second.inputs} >= {"stats", "dataset", "prev"}
 
 
 def test_rerunning_a_finished_evaluation_runs_nothing(chain: Chain, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ column share their initial states (paired comparisons; LIBERO's initial state ``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -452,8 +454,10 @@ def _iterate(
         finally:
             worker.close()
         return
-    ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(min(workers, len(groups)), initializer=_init_worker, initargs=(spec,))
+    context = _start_method(spec)
+    if context.get_start_method() == "fork":
+        spec = dataclasses.replace(spec, threads=1)  # no OpenMP thread pool is carried across the fork
+    pool = context.Pool(min(workers, len(groups)), initializer=_init_worker, initargs=(spec,))
     try:
         yield from pool.imap_unordered(_run_in_worker, groups, chunksize=1)
         pool.close()
@@ -462,6 +466,26 @@ def _iterate(
         pool.terminate()
         pool.join()
         raise
+
+
+def _start_method(spec: WorkerSpec) -> Any:
+    """How workers start: forked, or spawned where forking is unsafe.
+
+    On Linux with the policies on the CPU, workers fork from a parent that has imported the
+    simulator and the policy code, so they are ready at once (a spawned worker spends seconds
+    importing them). CUDA in forked children is unsafe and other systems do not fork: they spawn.
+    The parent forks before it makes any environment or rendering context.
+    """
+    if spec.device == "cpu" and sys.platform.startswith("linux"):
+        import peft  # noqa: F401  (with transformers: most of a worker's start-up)
+
+        from vlacl.sim import get_simulator
+        from vlacl.training import policy_io  # noqa: F401
+
+        assert spec.suite.simulator is not None
+        get_simulator(spec.suite.simulator)  # imports the simulator's package
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def run_eval_suite(
