@@ -474,6 +474,60 @@ class RunResult:
     prev_s: float | None = None
 
 
+PROFILE_STEPS_ENV = "VLACL_BENCH_PROFILE_STEPS"
+"""With this environment variable set to K > 0, the vlacl runs profile K steps after the warm-up."""
+
+
+class _StepProfiler:
+    """torch.profiler over K steps of the timed window (no extra synchronization); a summary to $OUT.
+
+    The summary lists the operators by device time and by host time, and counts the host-device
+    synchronizations (``aten::_local_scalar_dense``: ``.item()``/``.tolist()``; ``cudaStreamSynchronize``;
+    device-to-host copies) per step: what keeps a launch-bound step from queueing ahead.
+    """
+
+    def __init__(self, spec: RunSpec, device: torch.device) -> None:
+        self.steps = int(os.environ.get(PROFILE_STEPS_ENV, "0"))
+        self.start_at = spec.warmup
+        self.device = device
+        self.name = f"{spec.variant}-{spec.impl}"
+        self.prof: Any = None
+
+    def step_end(self, step: int) -> None:
+        """Start after the warm-up's last step; stop ``steps`` steps later and write the summary."""
+        if self.steps <= 0:
+            return
+        if step == self.start_at:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=activities)
+            self.prof.start()
+        elif self.prof is not None and step == self.start_at + self.steps:
+            self.prof.stop()
+            self._write()
+            self.prof = None
+
+    def _write(self) -> None:
+        events = self.prof.key_averages()
+        count = {e.key: e.count for e in events}
+        sync_keys = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+        lines = [f"profile of {self.name}: {self.steps} steps after the warm-up"]
+        for key in sync_keys:
+            lines.append(f"{key}: {count.get(key, 0) / self.steps:.1f} per step")
+        launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        launches = sum(e.count for e in events if e.key in launch_keys)
+        lines.append(f"kernel launches: {launches / self.steps:.0f} per step")
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        lines.append(events.table(sort_by=sort, row_limit=25))
+        lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
+        text = "\n".join(lines)
+        print(text, flush=True)
+        out = os.environ.get("OUT")
+        if out:
+            (Path(out) / f"profile-{self.name}.txt").write_text(text + "\n", encoding="utf-8")
+
+
 class PhaseTimer:
     """Wall time of a window of steps, then of each phase of the instrumented steps after it.
 
@@ -751,10 +805,13 @@ def run_vlacl(spec: RunSpec) -> RunResult:
     original_run = loop.run_train_task
     original_train = loop._Trainer.train
 
+    profiler = _StepProfiler(spec, device)
+
     def progress(p: Any) -> None:
         if p.phase == "train":
             stamps.append(time.perf_counter())
             timer.step_end(p.step)
+            profiler.step_end(p.step)
 
     def timed_run(*args: Any, **kwargs: Any) -> Any:
         shown = kwargs.get("progress")
