@@ -126,7 +126,7 @@ def test_registry() -> None:
 def test_a_stream_continued_with_another_cl_warns(
     stream: Stream, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """seq keeps no state, so er after it starts with an empty memory: that must not pass silently."""
+    """A seq checkpoint keeps no state, so er after it starts with an empty memory: never silently."""
     run_train_task(stream.config(steps=1), out=tmp_path / "t0")
     with caplog.at_level("WARNING", logger="vlacl.training.loop"):
         run_train_task(stream.config(steps=1, cl="er", task="#1"), out=tmp_path / "t1", prev=tmp_path / "t0")

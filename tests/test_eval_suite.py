@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import vlacl.sim  # noqa: F401  (sets MuJoCo's GL backend before metaworld imports mujoco)
 from vlacl.artifacts.names import EVAL_INFO_NAME, MATRIX_CSV_NAME, RESULTS_NAME
 from vlacl.artifacts.reader import lineage, open_artifact
 from vlacl.cli.app import app
 from vlacl.config.eval_suite import EvalSuiteConfig, parse_shard
-from vlacl.errors import ArtifactError, ConfigError
+from vlacl.errors import ArtifactError, ConfigError, VlaclError
 from vlacl.evaluation.policies import PolicyBank, find_checkpoints
 from vlacl.evaluation.runner import resume_dir, run_eval_suite, wilson_interval
 from vlacl.metrics.matrix import read_matrix
@@ -171,11 +173,18 @@ def test_rerunning_a_finished_evaluation_runs_nothing(chain: Chain, tmp_path: Pa
         run_eval_suite(chain.checkpoints, small(trials=3), out=out)
 
 
-def test_last_only_evaluates_the_final_row(chain: Chain) -> None:
-    report = run_eval_suite(chain.checkpoints, small(last_only=True), out=None)
-    assert report.stages == (TASKS[1],)
+def test_last_only_evaluates_the_final_row(chain: Chain, tmp_path: Path) -> None:
+    out = tmp_path / "last"
+    report = run_eval_suite(chain.checkpoints, small(last_only=True), out=out)
+    assert report.stages == TASKS  # every stage is a row; only the last one is evaluated
     assert set(report.episodes["stage"]) == {TASKS[1]}
     assert len(report.episodes) == 2 * 2
+    matrix = read_matrix(out / MATRIX_CSV_NAME)
+    assert np.isnan(matrix.values[0]).all()
+    result = json.loads(invoke("cl-metrics", str(out), "--json").stdout)["runs"][0]
+    assert result["num_tasks"] == 2  # both tasks count as trained
+    assert result["asr"] == pytest.approx(report.episodes["success"].mean())
+    assert result["plasticity"] is None  # the diagonal's first cell was not evaluated
 
 
 def test_a_resumed_evaluation_equals_an_uninterrupted_one(chain: Chain, tmp_path: Path) -> None:
@@ -186,7 +195,7 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(chain: Chain, tmp_path
 
     calls = []
 
-    def stop_after_three_groups(done: int, total: int, successes: int) -> None:
+    def stop_after_three_groups(done: int, total: int, successes: int | None) -> None:
         calls.append(done)
         if len(calls) == 4:  # the first call reports 0 done; then one per finished group
             raise StopError
@@ -207,7 +216,7 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(chain: Chain, tmp_path
 def test_a_partial_evaluation_of_other_settings_is_refused(chain: Chain, tmp_path: Path) -> None:
     out = tmp_path / "eval"
 
-    def stop(done: int, total: int, successes: int) -> None:
+    def stop(done: int, total: int, successes: int | None) -> None:
         if done:
             raise KeyboardInterrupt
 
@@ -320,3 +329,73 @@ def test_a_merged_policy_evaluates_like_its_checkpoint(chain: Chain, tmp_path: P
     same = ["stage", "task", "trial", "seed", "success", "steps"]
     pd.testing.assert_frame_equal(from_merged.episodes[same], from_ckpt.episodes[same])
     np.testing.assert_allclose(from_merged.episodes["return"], from_ckpt.episodes["return"], rtol=1e-5)
+
+
+def test_checkpoints_out_of_training_order_are_refused(chain: Chain) -> None:
+    with pytest.raises(ConfigError, match="training order"):
+        find_checkpoints([chain.checkpoints[1], chain.checkpoints[0]])
+
+
+def test_hidden_siblings_of_a_run_are_not_checkpoints(chain: Chain, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(chain.run, run)
+    shutil.copytree(run / "task1", run / ".task1.old-host-1")  # what an interrupted --overwrite leaves
+    assert [r.path.name for r in find_checkpoints([run])] == ["task0", "task1"]
+
+
+def test_videos_need_an_output(chain: Chain) -> None:
+    with pytest.raises(ConfigError, match="--videos needs --out"):
+        run_eval_suite(chain.checkpoints, small(videos=1), out=None)
+
+
+def test_a_failed_attempt_does_not_block_the_corrected_rerun(chain: Chain, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    with pytest.raises(VlaclError):
+        run_eval_suite(chain.checkpoints, small(videos=1, video_camera="no-such-camera"), out=out)
+    report = run_eval_suite(chain.checkpoints, small(), out=out)
+    assert len(report.episodes) == 8
+
+
+def test_videos_of_the_first_trials_are_written(chain: Chain, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    report = run_eval_suite(chain.checkpoints, small(videos=1, last_only=True), out=out)
+    videos = sorted(p.relative_to(out).as_posix() for p in (out / "videos").rglob("*.mp4"))
+    assert videos == [f"videos/{TASKS[1]}/{task}/trial_0000.mp4" for task in sorted(TASKS)]
+    assert sorted(v for v in report.episodes["video"] if v) == videos
+    import av
+
+    with av.open(str(out / videos[0])) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    first = report.episodes[(report.episodes["trial"] == 0) & (report.episodes["task"] == TASKS[0])]
+    assert frames == int(first["steps"].iloc[0]) + 1  # the reset frame and one per step
+
+
+def test_per_task_checkpoints_use_the_adapter_of_the_evaluated_task(chain: Chain, tmp_path: Path) -> None:
+    from vlacl.evaluation.runner import Cell, Group, WorkerSpec, _task_keys, _Worker
+    from vlacl.evaluation.suites import resolve_suite
+
+    prev: list[str] = []
+    for k in range(2):
+        invoke("-q", "train-task", "--dataset", str(chain.data), "--stats", str(chain.stats), "--task", f"#{k}",
+               *prev, "--adapter-mode", "per-task", "--steps", "2", "--batch-size", "8",
+               "--out", str(tmp_path / f"pt{k}"))  # fmt: skip
+        prev = ["--prev", str(tmp_path / f"pt{k}")]
+    refs = find_checkpoints([tmp_path / "pt0", tmp_path / "pt1"])
+    suite = resolve_suite("auto", refs)
+
+    def active(given: list[Any], checkpoint: int, task: int) -> tuple[str, ...]:
+        """The adapters serving ``task`` when checkpoint ``checkpoint`` of ``given`` is evaluated."""
+        worker = _Worker(WorkerSpec(tuple(given), suite, small(), "cpu", None, None, None, 1, _task_keys(given, suite)))
+        try:
+            stage = given[checkpoint].task_index
+            worker.run(Group(Cell(0, checkpoint, TASKS[stage], stage, TASKS[task], task), (0,)))
+            assert worker.bank._loaded is not None
+            return worker.bank._loaded.active_adapters
+        finally:
+            worker.close()
+
+    first, last = open_artifact(tmp_path / "pt1").manifest.details["adapter_stack"]
+    assert active(refs, 1, 0) == (first,)  # the last checkpoint evaluates task 0 with task 0's adapter
+    assert active(refs, 1, 1) == (last,)
+    assert active(refs, 0, 1) == (first,)  # task 1 not trained yet: the newest adapter serves
+    assert active(refs[1:], 0, 0) == (first,)  # the last checkpoint alone still finds task 0's adapter

@@ -135,8 +135,8 @@ def _progress() -> Iterator[ProgressFn | None]:
     ) as bar:
         task = bar.add_task("episodes", total=None, note="")
 
-        def update(done: int, total: int, successes: int) -> None:
-            rate = f"{successes / done:.0%} successful" if done else ""
+        def update(done: int, total: int, successes: int | None) -> None:
+            rate = f"{successes / done:.0%} successful" if done and successes is not None else ""
             bar.update(task, completed=done, total=total, note=rate)
 
         yield update

@@ -49,7 +49,10 @@ class EvalSuiteConfig:
         flag="--seed",
     )
     max_steps: int | None = setting(
-        None, "Step budget of an episode; none takes the task's own (Meta-World 500).", flag="--max-steps"
+        None,
+        "Step budget of an episode, at most the task's own (an episode also ends where the simulator ends it); "
+        "none takes the task's own (Meta-World 500).",
+        flag="--max-steps",
     )
     last_only: bool = setting(
         False,
@@ -59,7 +62,8 @@ class EvalSuiteConfig:
     )
     execute: int | None = setting(
         None,
-        "Actions of each predicted chunk executed before the policy is asked again; none executes the whole chunk.",
+        "Actions of each predicted chunk executed before the policy is asked again (at most the chunk); none "
+        "executes the whole chunk.",
         flag="--execute",
     )
     envs: int = setting(

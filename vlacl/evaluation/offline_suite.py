@@ -102,6 +102,8 @@ def run_offline_suite(
     tasks = _column_names(paths, stream)
     by_position = {t.position: name for t, name in zip(stream.tasks, tasks, strict=True)}
     stages = [by_position.get(r.task_index, r.task_name) for r in refs]
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"several checkpoints trained the same task ({stages}): a matrix has one row per task")
     chosen = [len(refs) - 1] if cfg.last_only else list(range(len(refs)))
     shard_index, shard_count = cfg.shard_index
     cells = [(i, j) for i in chosen for j in range(len(stream.tasks))]
@@ -141,14 +143,14 @@ def run_offline_suite(
             row.update({k: list(getattr(result, k)) for k in PER_DIM_FIELDS})
             rows.append(row)
         if progress is not None:
-            progress(done + 1, len(mine), 0)
+            progress(done + 1, len(mine), None)
     episodes = pd.DataFrame(rows)
     seconds = time.perf_counter() - started
-    info = _info(pooled, [stages[i] for i in chosen], tasks, stages, len(rows), seconds)
+    info = _info(pooled, stages, tasks, stages, len(rows), seconds)
     report = EvalReport(
         out=out,
         suite=OFFLINE,
-        stages=tuple(stages[i] for i in chosen),
+        stages=tuple(stages),
         tasks=tuple(tasks),
         episodes=episodes,
         seconds=seconds,

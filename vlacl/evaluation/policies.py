@@ -91,6 +91,8 @@ def _children(directory: Path) -> list[Path]:
     found: list[Path] = []
     for child in sorted(directory.iterdir()):
         manifest = child / MANIFEST_NAME
+        if child.name.startswith("."):  # an interrupted write's temporary or backup sibling, never a result
+            continue
         if child.is_dir() and manifest.is_file():
             try:
                 kind = read_manifest(child).kind
@@ -143,6 +145,11 @@ def find_checkpoints(paths: Sequence[Path]) -> list[CheckpointRef]:
             raise ConfigError(f"checkpoint {ref.path} is given twice (positions {seen[resolved]} and {i})")
         seen[resolved] = i
     for before, after in itertools.pairwise(refs):
+        if after.task_index <= before.task_index:
+            raise ConfigError(
+                f"{after.path} trained task position {after.task_index}, {before.path} before it position "
+                f"{before.task_index}: pass the checkpoints in training order (or the run directory)"
+            )
         if after.prev_sha256 is not None and after.prev_sha256 != before.manifest_sha256:
             log.warning(
                 "%s was not trained from %s (its --prev differs): the rows are not one training chain",

@@ -45,6 +45,8 @@ from vlacl.evaluation.suites import Suite, resolve_suite, stage_of, training_dat
 log = logging.getLogger(__name__)
 
 KIND = "eval_results"
+DEFAULT_IMAGE_SIZE = 64
+"""Frame size of the video camera of a state-only policy without --image-size."""
 ROWS_DIR = "rows"
 PLAN_NAME = "plan.json"
 COLUMNS: tuple[str, ...] = (
@@ -159,14 +161,15 @@ class EvalReport:
         }
 
 
-ProgressFn = Callable[[int, int, int], None]
-"""``progress(episodes_done, episodes_total, successes)``."""
+ProgressFn = Callable[[int, int, int | None], None]
+"""``progress(done, total, successes)``: episodes (cells for the offline suite, whose successes are ``None``)."""
 
 
 # Plan ------------------------------------------------------------------------------------------
 
 
 def _cells(refs: Sequence[CheckpointRef], suite: Suite, last_only: bool) -> tuple[list[Cell], list[str]]:
+    """The cells to evaluate, and the matrix's rows: one per checkpoint, in training order."""
     stages = [stage_of(ref, suite) for ref in refs]
     if len(set(stages)) != len(stages):
         twice = sorted({s for s in stages if stages.count(s) > 1})
@@ -176,7 +179,7 @@ def _cells(refs: Sequence[CheckpointRef], suite: Suite, last_only: bool) -> tupl
     for i in chosen:
         for j, task in enumerate(suite.tasks):
             cells.append(Cell(len(cells), i, stages[i], i, task, j))
-    return cells, [stages[i] for i in chosen]
+    return cells, stages  # every stage is a row (--last-only leaves the earlier ones empty): cl-metrics needs them
 
 
 def _groups(cells: Sequence[Cell], trials: int, envs: int) -> list[Group]:
@@ -244,8 +247,8 @@ class WorkerSpec:
     stats_fingerprint: str | None
     video_dir: Path | None
     threads: int
-    trained_positions: Mapping[str, int]
-    """Suite task -> its position in the training stream, for the tasks some checkpoint trained."""
+    task_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Suite task -> the names it may have in a checkpoint's adapter records (its training key, instruction)."""
 
 
 class _Worker:
@@ -256,26 +259,25 @@ class _Worker:
 
         self.spec = spec
         self.bank = PolicyBank(torch.device(spec.device), spec.stats_fingerprint)
-        self.envs: dict[str, list[Any]] = {}
-        self.render_key: tuple[tuple[str, ...], int | None] | None = None
+        self.envs: list[Any] = []
+        self.env_key: tuple[str, tuple[str, ...]] | None = None
         self.sim: Any = None
 
     def _environments(self, task: str, count: int, cameras: tuple[str, ...]) -> list[Any]:
+        """``count`` environments of ``task``; a worker keeps those of one task (groups come task by task)."""
         from vlacl.sim import RenderSettings, get_simulator
 
-        key = (cameras, self.spec.image_size)
-        if self.render_key != key:
+        if self.env_key != (task, cameras):
             self.close()
-            self.render_key = key
+            self.env_key = (task, cameras)
         if self.sim is None:
             assert self.spec.suite.simulator is not None
             self.sim = get_simulator(self.spec.suite.simulator)
-        have = self.envs.setdefault(task, [])
-        if len(have) < count:
-            size = self.spec.image_size or 64
+        if len(self.envs) < count:
+            size = self.spec.image_size or DEFAULT_IMAGE_SIZE
             render = RenderSettings(cameras=cameras, height=size, width=size)
-            have.extend(self.sim.make_env(task, render) for _ in range(count - len(have)))
-        return have[:count]
+            self.envs.extend(self.sim.make_env(task, render) for _ in range(count - len(self.envs)))
+        return self.envs[:count]
 
     def run(self, group: Group) -> tuple[list[dict[str, Any]], float, float, int]:
         """Roll out a group; its rows and the simulator seconds, policy seconds and steps it took."""
@@ -288,18 +290,25 @@ class _Worker:
         if loaded.setup is not None and loaded.setup.mode == "per-task":
             from vlacl.adapters.lora import activate_for_task
 
-            position = spec.trained_positions.get(cell.task, -1)  # -1: not trained yet, its newest adapter serves
-            loaded.active_adapters = activate_for_task(loaded.setup, position, unseen="latest")
+            names = spec.task_keys.get(cell.task, ())
+            own = [a.task_index for a in loaded.setup.adapters if a.task in names]
+            # a task the checkpoint has no adapter for (not trained yet) is served by its newest adapter
+            loaded.active_adapters = activate_for_task(loaded.setup, own[0] if own else -1, unseen="latest")
         policy_cameras = tuple(c.removeprefix("observation.images.") for c in loaded.cameras)
         video_camera = spec.cfg.video_camera or (policy_cameras[0] if policy_cameras else _default_camera(spec.suite))
+        if policy_cameras and spec.image_size is None:
+            raise ConfigError(
+                f"the policy of {ref.path} reads cameras {list(policy_cameras)} but the frame size of its training "
+                "data is unknown (its dataset is not where the checkpoint recorded it): pass --image-size"
+            )
         record = [t < spec.cfg.videos for t in group.trials]
         cameras = policy_cameras
-        if any(record) and video_camera not in cameras:
-            cameras = (*cameras, video_camera)
+        if spec.cfg.videos and video_camera not in cameras:
+            cameras = (*cameras, video_camera)  # in every group, so a worker's environments stay the same
         envs = self._environments(cell.task, len(group.trials), cameras)
         seeds = [spec.cfg.seed + t for t in group.trials]
         device = torch.device(spec.device)
-        generator = torch.Generator(device=device)
+        generator = torch.Generator()  # the heads draw noise on the CPU: the same draws on any device
         generator.manual_seed(_group_seed(spec.cfg.seed, cell, group.trials[0]))
         results = rollout(
             envs,
@@ -348,10 +357,31 @@ class _Worker:
         )
 
     def close(self) -> None:
-        for envs in self.envs.values():
-            for env in envs:
-                env.close()
-        self.envs = {}
+        """Close the environments kept."""
+        for env in self.envs:
+            env.close()
+        self.envs = []
+
+
+def _task_keys(refs: Sequence[CheckpointRef], suite: Suite) -> dict[str, tuple[str, ...]]:
+    """Each suite task's names in the training stream: its name, instruction, and training key.
+
+    The key comes from the checkpoints that trained it and, for a ``collect-demos`` dataset, from the
+    dataset's task table (its ``task_index``), so a per-task checkpoint finds its adapter for a task
+    even when the checkpoint that trained the task is not among those evaluated.
+    """
+    from vlacl.artifacts.reader import open_artifact
+
+    keys = {t: {t, i} for t, i in zip(suite.tasks, suite.instructions, strict=True)}
+    for ref in refs:
+        keys[stage_of(ref, suite)].add(ref.task_key)
+    for path in training_datasets(refs[-1]):
+        if not (path / "vlacl_manifest.json").is_file():
+            continue
+        for entry in open_artifact(path).manifest.details.get("tasks", []):
+            if isinstance(entry, dict) and entry.get("task") in keys and entry.get("task_index") is not None:
+                keys[str(entry["task"])].add(str(entry["task_index"]))
+    return {t: tuple(sorted(k)) for t, k in keys.items()}
 
 
 def _default_camera(suite: Suite) -> str:
@@ -369,6 +399,8 @@ _WORKER: _Worker | None = None
 def _init_worker(spec: WorkerSpec) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the pool
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # a forked worker must not raise the CLI's Terminated
+        signal.signal(signum, signal.SIG_DFL)
     torch.set_num_threads(spec.threads)
     _WORKER = _Worker(spec)
 
@@ -388,23 +420,32 @@ class _Store:
     def __init__(self, directory: Path, ident: str) -> None:
         self.dir = directory
         self.rows_dir = directory / ROWS_DIR
+        self.ident = ident
         plan = directory / PLAN_NAME
         if plan.is_file():
             recorded = json.loads(plan.read_text(encoding="utf-8")).get("eval_id")
-            if recorded != ident:
+            if recorded != ident and any(self.rows_dir.glob("*.parquet")):
                 raise ConfigError(
                     f"{directory} holds a partial evaluation with other settings or checkpoints: rerun with the same "
                     f"settings to finish it, or delete {directory} to start over"
                 )
-        else:
-            self.rows_dir.mkdir(parents=True, exist_ok=True)
-            tmp = directory / f"{PLAN_NAME}.tmp"
-            tmp.write_text(json.dumps({"eval_id": ident}) + "\n", encoding="utf-8")
-            tmp.replace(plan)
+            if recorded != ident:  # an attempt that finished no group: nothing to keep
+                shutil.rmtree(directory)
+
+    def _write_plan(self) -> None:
+        plan = self.dir / PLAN_NAME
+        if plan.is_file():
+            return
         self.rows_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"{PLAN_NAME}.tmp"
+        tmp.write_text(json.dumps({"eval_id": self.ident}) + "\n", encoding="utf-8")
+        tmp.replace(plan)
 
     def done(self) -> dict[str, pd.DataFrame]:
+        """The rows of the groups finished earlier, by group key."""
         found: dict[str, pd.DataFrame] = {}
+        if not self.rows_dir.is_dir():
+            return found
         for path in sorted(self.rows_dir.glob("*.parquet")):
             try:
                 found[path.stem] = pd.read_parquet(path)
@@ -413,6 +454,8 @@ class _Store:
         return found
 
     def save(self, group: Group, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write a finished group's rows (atomically: a file is complete or absent)."""
+        self._write_plan()
         frame = pd.DataFrame(list(rows), columns=list(COLUMNS))
         tmp = self.rows_dir / f".{group.key}.parquet.tmp"
         frame.to_parquet(tmp, index=False)
@@ -420,6 +463,12 @@ class _Store:
 
 
 # Entry point -----------------------------------------------------------------------------------
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (a SLURM allocation, not the whole node)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
 def _device(cfg: EvalSuiteConfig) -> str:
@@ -518,12 +567,15 @@ def run_eval_suite(
     shard_index, shard_count = cfg.shard_index
     mine = [c for c in cells if c.ordinal % shard_count == shard_index]
     ident = eval_id(cfg, suite, refs, image_size)
-    if out is not None and _already_complete(out, ident):
+    if cfg.videos and out is None:
+        raise ConfigError("--videos needs --out: the videos are part of the eval_results artifact")
+    if out is not None and not overwrite and _already_complete(out, ident):
         log.info("%s already holds this evaluation (eval_id %s): nothing to do", out, ident[:12])
         return _report_from(out, suite, stages, started)
     if out is not None:
         check_output_dir(out, overwrite, kind=KIND)
     groups = _groups(mine, cfg.trials, cfg.envs)
+    groups.sort(key=lambda g: (g.cell.task_index, g.cell.stage_index, g.trials[0]))  # task by task: envs are reused
     store = _Store(resume_dir(out), ident) if out is not None else None
     finished = store.done() if store is not None else {}
     todo = [g for g in groups if g.key not in finished]
@@ -544,9 +596,9 @@ def run_eval_suite(
         device,
     )
     video_dir = (store.dir / VIDEOS_DIR) if (store is not None and cfg.videos > 0) else None
-    threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.workers, len(todo) or 1)))
-    positions = {stage_of(ref, suite): ref.task_index for ref in refs}
-    spec = WorkerSpec(tuple(refs), suite, cfg, device, image_size, stats_fp, video_dir, threads, positions)
+    threads = max(1, _usable_cpus() // max(1, min(cfg.workers, len(todo) or 1)))
+    keys = _task_keys(refs, suite)
+    spec = WorkerSpec(tuple(refs), suite, cfg, device, image_size, stats_fp, video_dir, threads, keys)
     frames = [f for k, f in finished.items() if k in {g.key for g in groups}]
     done_eps = resumed
     successes = int(sum(int(f["success"].sum()) for f in frames))
