@@ -35,6 +35,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,15 +52,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class OfflineEpisodeResult:
-    """Action errors of one episode (see the module docstring for what counts).
+class ActionErrors:
+    """Action errors over some counted values (see the module docstring for what counts).
 
     Attributes:
-        episode: The episode's index within its dataset.
         frames: Samples (frames) scored.
         values: Counted action values (non-pad steps times counted dimensions).
-        seconds: Wall time of the batches that scored its frames, shared among the episodes of a
-            batch in proportion to their frames in it.
+        seconds: Wall time of the batches that scored the frames (an episode's share of a batch is in
+            proportion to its frames in it).
         mse: Mean squared error in normalized units, over the counted values.
         mae: Mean absolute error in normalized units.
         mse_raw: Mean squared error in dataset units (unnormalized prediction vs recorded action).
@@ -71,7 +71,6 @@ class OfflineEpisodeResult:
         count_per_dim: Counted values of each action dimension (0 for a masked dimension).
     """
 
-    episode: int
     frames: int
     values: int
     seconds: float
@@ -87,38 +86,25 @@ class OfflineEpisodeResult:
 
 
 @dataclass(frozen=True)
-class OfflineSummary:
+class OfflineEpisodeResult(ActionErrors):
+    """The action errors of one episode.
+
+    Attributes:
+        episode: The episode's index within its dataset.
+    """
+
+    episode: int
+
+
+@dataclass(frozen=True)
+class OfflineSummary(ActionErrors):
     """Action errors pooled over episodes: per-dimension sums over all their counted values, divided by the counts.
 
     Attributes:
         episodes: Episodes pooled.
-        frames: Samples (frames) scored, over all of them.
-        values: Counted action values, over all of them.
-        seconds: Their wall time, summed.
-        mse: Mean squared error in normalized units, over every counted value.
-        mae: Mean absolute error in normalized units.
-        mse_raw: Mean squared error in dataset units.
-        mae_raw: Mean absolute error in dataset units.
-        mse_per_dim: Normalized MSE of each action dimension ``(A,)``; NaN where nothing counts.
-        mae_per_dim: Normalized MAE of each action dimension.
-        mse_raw_per_dim: Raw MSE of each action dimension.
-        mae_raw_per_dim: Raw MAE of each action dimension.
-        count_per_dim: Counted values of each action dimension.
     """
 
     episodes: int
-    frames: int
-    values: int
-    seconds: float
-    mse: float
-    mae: float
-    mse_raw: float
-    mae_raw: float
-    mse_per_dim: tuple[float, ...]
-    mae_per_dim: tuple[float, ...]
-    mse_raw_per_dim: tuple[float, ...]
-    mae_raw_per_dim: tuple[float, ...]
-    count_per_dim: tuple[int, ...]
 
 
 _ERRORS = ("mse", "mae", "mse_raw", "mae_raw")
@@ -150,23 +136,21 @@ def _means(sums: np.ndarray, counts: np.ndarray) -> tuple[list[tuple[float, ...]
     return [tuple(float(v) for v in row) for row in per_dim], overall
 
 
+def _error_fields(sums: np.ndarray, counts: np.ndarray, frames: int, seconds: float) -> dict[str, Any]:
+    """:class:`ActionErrors`' fields from per-dimension error sums ``(4, A)`` and counts ``(A,)``."""
+    per_dim, overall = _means(sums, counts)
+    return {
+        "frames": frames,
+        "values": int(counts.sum()),
+        "seconds": seconds,
+        **dict(zip(_ERRORS, overall, strict=True)),
+        **{f"{name}_per_dim": values for name, values in zip(_ERRORS, per_dim, strict=True)},
+        "count_per_dim": tuple(int(c) for c in counts),
+    }
+
+
 def _episode_result(index: int, acc: _Sums) -> OfflineEpisodeResult:
-    per_dim, overall = _means(acc.sums, acc.counts)
-    return OfflineEpisodeResult(
-        episode=index,
-        frames=acc.frames,
-        values=int(acc.counts.sum()),
-        seconds=acc.seconds,
-        mse=overall[0],
-        mae=overall[1],
-        mse_raw=overall[2],
-        mae_raw=overall[3],
-        mse_per_dim=per_dim[0],
-        mae_per_dim=per_dim[1],
-        mse_raw_per_dim=per_dim[2],
-        mae_raw_per_dim=per_dim[3],
-        count_per_dim=tuple(int(c) for c in acc.counts),
-    )
+    return OfflineEpisodeResult(episode=index, **_error_fields(acc.sums, acc.counts, acc.frames, acc.seconds))
 
 
 def _check_device(loaded: LoadedPolicy, device: torch.device) -> None:
@@ -317,22 +301,8 @@ def pool(results: Sequence[OfflineEpisodeResult]) -> OfflineSummary:
         means = np.array([getattr(r, f"{name}_per_dim") for r in results], dtype=np.float64)  # (E, A)
         sums[i] = (np.where(counts > 0, means, 0.0) * counts).sum(axis=0)
     total = counts.sum(axis=0)  # (A,)
-    per_dim, overall = _means(sums, total)
-    return OfflineSummary(
-        episodes=len(results),
-        frames=sum(r.frames for r in results),
-        values=int(total.sum()),
-        seconds=float(sum(r.seconds for r in results)),
-        mse=overall[0],
-        mae=overall[1],
-        mse_raw=overall[2],
-        mae_raw=overall[3],
-        mse_per_dim=per_dim[0],
-        mae_per_dim=per_dim[1],
-        mse_raw_per_dim=per_dim[2],
-        mae_raw_per_dim=per_dim[3],
-        count_per_dim=tuple(int(c) for c in total),
-    )
+    frames, seconds = sum(r.frames for r in results), float(sum(r.seconds for r in results))
+    return OfflineSummary(episodes=len(results), **_error_fields(sums, total, frames, seconds))
 
 
-__all__ = ["OfflineEpisodeResult", "OfflineSummary", "evaluate_offline", "pool"]
+__all__ = ["ActionErrors", "OfflineEpisodeResult", "OfflineSummary", "evaluate_offline", "pool"]
