@@ -100,22 +100,12 @@ def collect_demos(
 @contextmanager
 def _progress() -> Iterator[ProgressFn | None]:
     """One rich bar per task on stderr (episodes kept of the target); none off a terminal or with -q."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from vlacl.cli.render import progress_bar
 
-    from vlacl.cli.render import progress_console
-
-    console = progress_console()
-    if console is None:
-        yield None
-        return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[attempts]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with progress_bar("{task.description}", "{task.fields[attempts]}") as bar:
+        if bar is None:
+            yield None
+            return
         bars: dict[int, Any] = {}
 
         def update(event: TaskProgress) -> None:

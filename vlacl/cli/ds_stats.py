@@ -117,23 +117,13 @@ def ds_stats(
 @contextmanager
 def _progress() -> Iterator[ProgressFn | None]:
     """A rich progress bar on stderr: frames reduced, then image frames sampled; none off a terminal or with -q."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from vlacl.cli.render import progress_bar
 
-    from vlacl.cli.render import progress_console
-
-    console = progress_console()
-    if console is None:
-        yield None
-        return
     labels = {"frames": "frames", "images": "image frames"}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with progress_bar("{task.description}", transient=True) as bar:
+        if bar is None:
+            yield None
+            return
         tasks: dict[str, Any] = {}
 
         def update(phase: str, done: int, total: int) -> None:

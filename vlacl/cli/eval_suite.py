@@ -117,22 +117,12 @@ def eval_suite(
 @contextmanager
 def _progress() -> Iterator[ProgressFn | None]:
     """One rich bar on stderr (episodes done of the total, success so far); none off a terminal or with -q."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from vlacl.cli.render import progress_bar
 
-    from vlacl.cli.render import progress_console
-
-    console = progress_console()
-    if console is None:
-        yield None
-        return
-    with Progress(
-        TextColumn("episodes"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with progress_bar("{task.description}", "{task.fields[note]}") as bar:
+        if bar is None:
+            yield None
+            return
         task = bar.add_task("episodes", total=None, note="")
 
         def update(done: int, total: int, successes: int | None) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from vlacl.metrics.cl import METRIC_NAMES
@@ -14,6 +17,32 @@ if TYPE_CHECKING:
     from vlacl.metrics.report import ClMetricsResult, MetricResult
 
 stdout = Console(soft_wrap=True)
+
+
+@contextmanager
+def progress_bar(*columns: str, transient: bool = False) -> Iterator[Progress | None]:
+    """A rich progress display on stderr, or ``None`` off a terminal or with ``-q``.
+
+    Columns: the first of ``columns`` (a rich ``{task...}`` template, usually ``{task.description}``),
+    a bar, ``done/total``, the other ``columns``, the elapsed time.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    console = progress_console()
+    if console is None:
+        yield None
+        return
+    first, *rest = columns
+    with Progress(
+        TextColumn(first),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(c) for c in rest),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    ) as bar:
+        yield bar
 
 
 def progress_console() -> Console | None:
