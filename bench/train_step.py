@@ -66,6 +66,7 @@ Usage (the GPU run of a and b takes about 4 minutes on an H200; each CPU smoke t
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import gc
@@ -82,6 +83,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.hf_factories import CLIP_MEAN, CLIP_STD, QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, _save_tokenizer, _write_json
 
@@ -478,6 +481,21 @@ PROFILE_STEPS_ENV = "VLACL_BENCH_PROFILE_STEPS"
 """With this environment variable set to K > 0, the vlacl runs profile K steps after the warm-up."""
 
 
+class _HostReads(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Counts ``aten::_local_scalar_dense`` (``.item()``, ``int(t)``, ``if t:``) by the code that asked for it."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.devices = {"cuda"} if torch.cuda.is_available() else {"cpu"}  # on a CPU: where the reads would be
+        self.sources: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default and args and args[0].device.type in self.devices:
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            self.sources[" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-4:]))] += 1
+        return func(*args, **(kwargs or {}))
+
+
 class _StepProfiler:
     """torch.profiler over K steps of the timed window (no extra synchronization); a summary to $OUT.
 
@@ -492,6 +510,7 @@ class _StepProfiler:
         self.device = device
         self.name = f"{spec.variant}-{spec.impl}"
         self.prof: Any = None
+        self.reads = _HostReads()
 
     def step_end(self, step: int) -> None:
         """Start after the warm-up's last step; stop ``steps`` steps later and write the summary."""
@@ -503,7 +522,9 @@ class _StepProfiler:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=activities)
             self.prof.start()
+            self.reads.__enter__()  # type: ignore[no-untyped-call]
         elif self.prof is not None and step == self.start_at + self.steps:
+            self.reads.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self.prof.stop()
             self._write()
             self.prof = None
@@ -518,6 +539,8 @@ class _StepProfiler:
         launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
         launches = sum(e.count for e in events if e.key in launch_keys)
         lines.append(f"kernel launches: {launches / self.steps:.0f} per step")
+        for where, n in self.reads.sources.most_common(8):
+            lines.append(f"host reads, {n / self.steps:.0f} per step, from: {where}")
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         lines.append(events.table(sort_by=sort, row_limit=25))
         lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))

@@ -116,3 +116,10 @@ def test_cl_algorithms_on_an_hf_family_in_bf16(tmp_path: Path, name: str) -> Non
     run_train_task(stream.config(task="#1", **common), out=tmp_path / "t1", prev=tmp_path / "t0")
     losses = _losses(tmp_path / "t1")
     assert all(torch.isfinite(torch.tensor(losses))), losses
+
+
+def test_adamw_is_fused_on_cuda(stream: Stream, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The optimizer is built once the policy is on the GPU, so AdamW takes its fused kernel."""
+    with caplog.at_level("DEBUG", logger="vlacl.training.optim"):
+        run_train_task(stream.config(steps=2, device="cuda"), out=tmp_path / "fused")
+    assert any("AdamW fused=True over devices ['cuda']" in r.getMessage() for r in caplog.records)

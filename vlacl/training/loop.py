@@ -417,6 +417,8 @@ class _Trainer:
     def setup(self, resuming: bool) -> None:
         cfg, acc = self.cfg, self.acc
         policy = self.built.policy
+        if not self.sharded:
+            policy.to(acc.device)  # before the optimizer is built: AdamW is fused only over parameters on the GPU
         groups = param_groups(
             policy, self.built.backbone_params(), lr=cfg.lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay
         )
