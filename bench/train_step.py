@@ -478,7 +478,8 @@ class RunResult:
 
 
 PROFILE_STEPS_ENV = "VLACL_BENCH_PROFILE_STEPS"
-"""With this environment variable set to K > 0, the vlacl runs profile K steps after the warm-up."""
+"""With this environment variable set to K > 0, the vlacl runs profile K of the instrumented steps that follow
+the timed window (profiling inside the window would slow the figures it measures)."""
 
 
 class _HostReads(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -506,7 +507,7 @@ class _StepProfiler:
 
     def __init__(self, spec: RunSpec, device: torch.device) -> None:
         self.steps = int(os.environ.get(PROFILE_STEPS_ENV, "0"))
-        self.start_at = spec.warmup
+        self.start_at = spec.warmup + spec.steps
         self.device = device
         self.name = f"{spec.variant}-{spec.impl}"
         self.prof: Any = None
@@ -533,7 +534,7 @@ class _StepProfiler:
         events = self.prof.key_averages()
         count = {e.key: e.count for e in events}
         sync_keys = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
-        lines = [f"profile of {self.name}: {self.steps} steps after the warm-up"]
+        lines = [f"profile of {self.name}: {self.steps} steps after the timed window"]
         for key in sync_keys:
             lines.append(f"{key}: {count.get(key, 0) / self.steps:.1f} per step")
         launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
