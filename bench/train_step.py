@@ -95,7 +95,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.hf_factories import CLIP_MEAN, CLIP_STD, QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, _save_tokenizer, _write_json
+from tests.hf_factories import qwen_token_ids, write_qwen_vl_files
 
 INSTRUCTION = (
     "pick up the red cup and put it into the blue bowl on the left of the plate and open the drawer "
@@ -274,29 +274,15 @@ def build_model_dir(path: Path, shape: ModelShape, *, tiny: bool, device: str) -
         return path
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    vocab = _save_tokenizer(
-        path, ["[UNK]"], QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]"
+    vocab = write_qwen_vl_files(
+        path,
+        processor_class="Qwen2_5_VLProcessor",
+        min_pixels=56 * 56,  # Qwen2.5-VL's own min/max pixels
+        max_pixels=28 * 28 * 16384,
+        patch_size=shape.vision["patch_size"],
+        temporal=shape.vision["temporal_patch_size"],
+        merge=shape.vision["spatial_merge_size"],
     )
-    (path / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE, encoding="utf-8")
-    _write_json(
-        path / "preprocessor_config.json",
-        {
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2_5_VLProcessor",
-            "do_resize": True,
-            "do_rescale": True,
-            "do_normalize": True,
-            "do_convert_rgb": True,
-            "rescale_factor": 1 / 255,
-            "image_mean": CLIP_MEAN,
-            "image_std": CLIP_STD,
-            "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384},  # Qwen2.5-VL's min/max pixels
-            "patch_size": shape.vision["patch_size"],
-            "temporal_patch_size": shape.vision["temporal_patch_size"],
-            "merge_size": shape.vision["spatial_merge_size"],
-        },
-    )
-    _write_json(path / "processor_config.json", {"processor_class": "Qwen2_5_VLProcessor"})
     text = dict(shape.text)
     if tiny:
         text["vocab_size"] = len(vocab)
@@ -306,11 +292,8 @@ def build_model_dir(path: Path, shape: ModelShape, *, tiny: bool, device: str) -
     config = Qwen2_5_VLConfig(
         text_config=text,
         vision_config=dict(shape.vision),
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
         tie_word_embeddings=True,
+        **qwen_token_ids(vocab),
     )
     dtype = torch.float32 if tiny else torch.bfloat16
     model_class: Any = Qwen2_5_VLForConditionalGeneration

@@ -129,16 +129,10 @@ def _save_model(path: Path, build: Callable[[], torch.nn.Module], seed: int) -> 
     model.save_pretrained(path)
 
 
-def make_tiny_qwen2_5_vl(path: Path, *, seed: int = 0, qwen2: bool = False) -> Path:
-    """A random Qwen2.5-VL (or Qwen2-VL with ``qwen2``): 2 text layers, a 2-block vision tower, patch 4, merge 2.
-
-    Images are resized to 16x16..32x32 pixels (``min_pixels``/``max_pixels``): 4 to 16 image tokens.
-    """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
-    from transformers import Qwen2VLForConditionalGeneration as Qwen2Model
-
-    path.mkdir(parents=True, exist_ok=True)
-    processor_class = "Qwen2VLProcessor" if qwen2 else "Qwen2_5_VLProcessor"
+def write_qwen_vl_files(
+    path: Path, *, processor_class: str, min_pixels: int, max_pixels: int, patch_size: int, temporal: int, merge: int
+) -> dict[str, int]:
+    """A Qwen-VL directory's tokenizer, chat template and processor configs; returns the vocabulary."""
     vocab = _save_tokenizer(
         path, ["[UNK]"], QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]"
     )
@@ -155,14 +149,38 @@ def make_tiny_qwen2_5_vl(path: Path, *, seed: int = 0, qwen2: bool = False) -> P
             "rescale_factor": 1 / 255,
             "image_mean": CLIP_MEAN,
             "image_std": CLIP_STD,
-            "size": {"shortest_edge": 16 * 16, "longest_edge": 32 * 32},
-            "patch_size": 4,
-            "temporal_patch_size": 2,
-            "merge_size": 2,
+            "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            "patch_size": patch_size,
+            "temporal_patch_size": temporal,
+            "merge_size": merge,
         },
     )
-    _write_json(
-        path / "processor_config.json", {"processor_class": "Qwen2VLProcessor" if qwen2 else "Qwen2_5_VLProcessor"}
+    _write_json(path / "processor_config.json", {"processor_class": processor_class})
+    return vocab
+
+
+def qwen_token_ids(vocab: Mapping[str, int]) -> dict[str, Any]:
+    """The special-token ids a Qwen-VL config names, from the vocabulary of :func:`write_qwen_vl_files`."""
+    return {
+        "image_token_id": vocab["<|image_pad|>"],
+        "video_token_id": vocab["<|video_pad|>"],
+        "vision_start_token_id": vocab["<|vision_start|>"],
+        "vision_end_token_id": vocab["<|vision_end|>"],
+    }
+
+
+def make_tiny_qwen2_5_vl(path: Path, *, seed: int = 0, qwen2: bool = False) -> Path:
+    """A random Qwen2.5-VL (or Qwen2-VL with ``qwen2``): 2 text layers, a 2-block vision tower, patch 4, merge 2.
+
+    Images are resized to 16x16..32x32 pixels (``min_pixels``/``max_pixels``): 4 to 16 image tokens.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
+    from transformers import Qwen2VLForConditionalGeneration as Qwen2Model
+
+    path.mkdir(parents=True, exist_ok=True)
+    processor_class = "Qwen2VLProcessor" if qwen2 else "Qwen2_5_VLProcessor"
+    vocab = write_qwen_vl_files(
+        path, processor_class=processor_class, min_pixels=16 * 16, max_pixels=32 * 32, patch_size=4, temporal=2, merge=2
     )
     text = {
         "vocab_size": len(vocab),
@@ -184,12 +202,7 @@ def make_tiny_qwen2_5_vl(path: Path, *, seed: int = 0, qwen2: bool = False) -> P
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    tokens: dict[str, Any] = {
-        "image_token_id": vocab["<|image_pad|>"],
-        "video_token_id": vocab["<|video_pad|>"],
-        "vision_start_token_id": vocab["<|vision_start|>"],
-        "vision_end_token_id": vocab["<|vision_end|>"],
-    }
+    tokens: dict[str, Any] = qwen_token_ids(vocab)
     if qwen2:
         vision.update(embed_dim=16, hidden_size=HIDDEN, mlp_ratio=2)
         _save_model(path, lambda: Qwen2Model(Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)), seed)

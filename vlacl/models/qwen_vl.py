@@ -137,7 +137,7 @@ def install_batched_vision_attention(model: nn.Module) -> int:
     changed = 0
     for module in model.modules():
         batched = BATCHED_CLASSES.get(type(module))
-        if batched is not None and getattr(module.config, "_attn_implementation", None) == SDPA:
+        if batched is not None and cast("Any", module.config)._attn_implementation == SDPA:
             module.__class__ = batched
             changed += 1
     return changed
