@@ -173,6 +173,7 @@ class PolicyBank:
         self.stats_fingerprint = stats_fingerprint
         self._loaded: LoadedPolicy | None = None
         self._ref: CheckpointRef | None = None
+        self._verified: set[Path] = set()
         self.base_loads = 0
         """How many times a base model was read from disk (for tests and logs)."""
 
@@ -186,7 +187,9 @@ class PolicyBank:
             return self._loaded
         from vlacl.training.policy_io import load_policy, release_backbone
 
-        check_stats(ref, self.stats_fingerprint)
+        verified = ref.path in self._verified  # groups run task by task: a checkpoint comes back once per task
+        if not verified:
+            check_stats(ref, self.stats_fingerprint)
         backbone = None
         previous, previous_ref = self._loaded, self._ref
         self._loaded, self._ref = None, None
@@ -195,7 +198,8 @@ class PolicyBank:
         del previous
         if backbone is None:
             self.base_loads += 1
-        loaded = load_policy(ref.path, device=self.device, backbone=backbone)
+        loaded = load_policy(ref.path, device=self.device, backbone=backbone, verify=not verified)
+        self._verified.add(ref.path)
         self._loaded, self._ref = loaded, ref
         log.debug("policy of %s loaded (%s base model)", ref.path, "a fresh" if backbone is None else "the same")
         return loaded

@@ -131,6 +131,7 @@ def load_policy(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     backbone: Backbone | None = None,
+    verify: bool = True,
 ) -> LoadedPolicy:
     """Load the policy of a task checkpoint (or a merged model of one) in eval mode.
 
@@ -145,6 +146,8 @@ def load_policy(
         trust_remote_code: Let a Hugging Face model run code from its directory.
         backbone: The base model already loaded and bare (no adapters), e.g. from
             :func:`release_backbone`; it is used instead of reading ``model_path``.
+        verify: Check every file of the artifact against its manifest's hashes (a caller that loads
+            the same checkpoint again after verifying it once may skip it).
 
     Raises:
         ArtifactError: An incomplete or edited checkpoint, or one that does not fit the base model.
@@ -161,7 +164,7 @@ def load_policy(
     from vlacl.training.data import task_normalizer
 
     path = Path(ckpt_dir)
-    artifact = open_artifact(path, POLICY_KINDS, verify=True)
+    artifact = open_artifact(path, POLICY_KINDS, verify=verify)
     details = policy_details(dict(artifact.manifest.details), artifact.kind, path)
     head_config = details.get(HEAD_CONFIG_KEY)
     if not isinstance(head_config, dict):
