@@ -17,6 +17,8 @@ What runs:
     printed), bf16, LoRA rank 32, the flow-matching head (``--head``), ``--workers`` loader workers;
   - ``vlacl+compile`` (``--compile``): the same command line with ``--compile`` (a flag train-task
     refuses fails that run alone);
+  - ``vlacl+cudagraphs``: the same with ``--compile --compile-mode reduce-overhead`` (each compiled
+    block replayed as CUDA graphs);
   - ``baseline``: the same model directory and the same training samples (vlacl's dataset and
     collate), LoRA put on by PEFT's ``get_peft_model`` (same target layers, rank, alpha, dropout), the
     same head class, and a plain loop: eager, ``torch.autocast`` bf16, ``torch.optim.AdamW`` with its
@@ -128,7 +130,12 @@ TARGET_DDP_EFFICIENCY = 0.9
 """DDP scaling target: samples/s of N processes >= 0.9 N times one process's (1.8 at N = 2)."""
 ROOT = Path(__file__).resolve().parent.parent
 DDP_CONFIG = ROOT / "examples" / "accelerate" / "ddp.yaml"
-IMPLS = ("vlacl", "vlacl+compile", "baseline")
+IMPLS = ("vlacl", "vlacl+compile", "vlacl+cudagraphs", "baseline")
+IMPL_FLAGS: dict[str, list[str]] = {
+    "vlacl+compile": ["--compile"],
+    "vlacl+cudagraphs": ["--compile", "--compile-mode=reduce-overhead"],
+}
+"""train-task flags each vlacl impl adds to the common command line."""
 
 # ---------------------------------------------------------------------------------------------
 # Shapes
@@ -492,7 +499,8 @@ class _StepProfiler:
         self.steps = int(os.environ.get(PROFILE_STEPS_ENV, "0"))
         self.start_at = spec.warmup + spec.steps
         self.device = device
-        self.name = f"{spec.variant}-{spec.impl}"
+        rank = int(os.environ.get("RANK", "0"))
+        self.name = f"{spec.variant}-{spec.impl}" + (f"-x{spec.processes}-rank{rank}" if spec.processes > 1 else "")
         self.prof: Any = None
         self.reads = _HostReads()
 
@@ -1188,7 +1196,7 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 
 ROW_HEADER = (
-    f"{'variant':7} {'impl':13} {'batch':>5} {'samples/s':>9} {'step ms':>8} {'data %':>6} {'data':>6} "
+    f"{'variant':7} {'impl':16} {'batch':>5} {'samples/s':>9} {'step ms':>8} {'data %':>6} {'data':>6} "
     f"{'fwd':>7} {'bwd':>7} {'optim':>6} {'other':>6} {'peak GiB':>8} {'TFLOP/s':>7} {'MFU %':>6}"
 )
 
@@ -1196,13 +1204,13 @@ ROW_HEADER = (
 def row(result: RunResult, peak: float) -> str:
     """One line of the table (phase columns in ms per instrumented step)."""
     if not result.ok:
-        return f"{result.variant:7} {result.impl:13} {result.batch:>5} FAILED: {result.error}"
+        return f"{result.variant:7} {result.impl:16} {result.batch:>5} FAILED: {result.error}"
     ph = result.phases_s
     share = ph["data"] / ph["step"] if ph.get("step") else None
     total = result.flops_per_sample.get("total")
     achieved = total * result.samples_per_s / 1e12 if result.samples_per_s is not None and total else None
     return (
-        f"{result.variant:7} {result.impl:13} {result.batch:>5} {_fmt(result.samples_per_s, '9.1f')} "
+        f"{result.variant:7} {result.impl:16} {result.batch:>5} {_fmt(result.samples_per_s, '9.1f')} "
         f"{_fmt(result.step_s, '8.1f', 1e3)} {_fmt(share, '6.1f', 100)} {_fmt(ph.get('data'), '6.1f', 1e3)} "
         f"{_fmt(ph.get('forward'), '7.1f', 1e3)} {_fmt(ph.get('backward'), '7.1f', 1e3)} "
         f"{_fmt(ph.get('optimizer'), '6.1f', 1e3)} {_fmt(ph.get('other'), '6.1f', 1e3)} "
@@ -1281,6 +1289,19 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
                 f"{_fmt(s['compile_over_vlacl'], '7.2f')} {_fmt(s['compile_mfu'], '6.1f', 100)}"
             )
         print(line)
+
+
+def print_impls(results: list[RunResult], peak: float) -> None:
+    """Every run of the main table against its variant's baseline: samples/s, ratio, MFU, peak memory."""
+    print("\nper run: samples/s, ratio to the baseline of the same variant, MFU, peak GiB allocated")
+    print(f"{'variant':7} {'impl':16} {'samples/s':>9} {'ratio':>6} {'MFU%':>6} {'peak GiB':>8}")
+    for r in results:
+        base = next((b for b in results if b.variant == r.variant and b.impl == "baseline" and b.ok), None)
+        ratio = _ratio(_rate(r), _rate(base)) if r.impl != "baseline" else None
+        print(
+            f"{r.variant:7} {r.impl:16} {_fmt(_rate(r), '9.1f')} {_fmt(ratio, '6.2f')} "
+            f"{_fmt(mfu(r, peak) if r.ok else None, '6.1f', 100)} {_fmt(r.peak_allocated_gib, '8.1f')}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1418,6 +1439,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cl.add_argument("--cl-steps", type=int, default=None, help="timed steps of task 1 (default 20; 4 tiny)")
     ddp = parser.add_argument_group("DDP (--ddp N)")
     ddp.add_argument("--ddp", type=int, default=0, help="also run the first variant's vlacl run on N processes")
+    ddp.add_argument(
+        "--ddp-impl",
+        choices=[i for i in IMPLS if i.startswith("vlacl")],
+        default="vlacl",
+        help="which vlacl run goes on N processes (and its one-process reference)",
+    )
     ddp.add_argument("--ddp-cl", default="mir,ewc", help="algorithms trained on task 1 under DDP (none: skip)")
     parser.add_argument("--workdir", type=Path, default=None, help="kept, and reused when run again; default: temp")
     parser.add_argument("--json-out", type=Path, default=None, help="JSON of every figure, rewritten after each run")
@@ -1531,7 +1558,7 @@ class Bench:
             warmup=self.args.warmup,
             steps=self.args.steps,
             phase_steps=self.args.phase_steps,
-            extra_flags=["--compile"] if impl == "vlacl+compile" else [],
+            extra_flags=list(IMPL_FLAGS.get(impl, [])),
         )
         for key, value in changes.items():
             setattr(spec, key, value)
@@ -1603,6 +1630,7 @@ class Bench:
         if results:
             self.report["summary"] = summary(results, peak)
             print_summary(self.report["summary"])
+            print_impls(results, peak)
         return results
 
     def cl_bench(self) -> None:
@@ -1687,7 +1715,13 @@ class Bench:
     def ddp_bench(self, variant: Variant, main_results: list[RunResult]) -> None:
         """The variant's vlacl run on ``--ddp`` processes against one process; MIR and EWC trained under DDP."""
         n = self.args.ddp
-        section: dict[str, Any] = {"processes": n, "variant": variant.name, "runs": [], "cl_runs": []}
+        section: dict[str, Any] = {
+            "processes": n,
+            "variant": variant.name,
+            "impl": self.args.ddp_impl,
+            "runs": [],
+            "cl_runs": [],
+        }
         self.report["ddp"] = section
         print(
             f"\n[ddp] {variant.description}; {n} processes under accelerate launch ({DDP_CONFIG.relative_to(ROOT)}), "
@@ -1707,17 +1741,19 @@ class Bench:
             section["error"] = model
             self.save()
             return
-        single = next((r for r in main_results if r.variant == variant.name and r.impl == "vlacl" and r.ok), None)
+        impl = self.args.ddp_impl
+        single = next((r for r in main_results if r.variant == variant.name and r.impl == impl and r.ok), None)
         print(DDP_HEADER, flush=True)
         if single is None:
-            spec = self.spec(variant, "vlacl", f"ddp1-{variant.name}", model, phase_steps=0)
+            spec = self.spec(variant, impl, f"ddp1-{variant.name}", model, phase_steps=0)
             print("one-process run = " + " ".join(train_task_flags(spec)), flush=True)
             single = self.execute(spec)
             section["runs"].append(asdict(single))
         else:
-            print(f"(one process: the main table's {variant.name}/vlacl run)", flush=True)
+            print(f"(one process: the main table's {variant.name}/{impl} run)", flush=True)
         print(ddp_row(single, None)[0], flush=True)
-        spec = self.spec(variant, "vlacl", f"ddp{n}-{variant.name}", model, phase_steps=0, processes=n)
+        # instrumented steps after the timed window: rank 0's phase breakdown (and a profile when asked for)
+        spec = self.spec(variant, impl, f"ddp{n}-{variant.name}", model, processes=n)
         print(f"ddp run = {user_command(spec, train_task_flags(spec))}", flush=True)
         result = self.execute(spec)
         line, scaling = ddp_row(result, single)

@@ -25,7 +25,7 @@ from vlacl.models.hf import load_hf_backbone
 from vlacl.models.tiny import TinyBackbone
 from vlacl.training.checkpoint import METRICS_LOG_NAME
 from vlacl.training.loop import _check_compile, run_train_task
-from vlacl.training.model import RECOMPILE_LIMIT, compile_backbone, compile_regions
+from vlacl.training.model import RECOMPILE_LIMIT, compile_backbone, compile_regions, uses_cudagraphs
 
 
 def compiled(module: torch.nn.Module) -> bool:
@@ -132,3 +132,24 @@ def test_compiled_checkpointed_qwen_blocks_give_the_eager_gradients(tmp_path: Pa
     assert any(".visual.blocks.0." in n for n in want_grads)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-4, rtol=1e-3)
+
+
+def test_compile_mode_needs_compile_and_names_the_cuda_graph_modes() -> None:
+    with pytest.raises(ConfigError, match=r"--compile-mode.*pass --compile too"):
+        TrainTaskConfig(compile_mode="reduce-overhead")
+    assert not uses_cudagraphs(TrainTaskConfig(compile=True))
+    assert uses_cudagraphs(TrainTaskConfig(compile=True, compile_mode="reduce-overhead"))
+    assert not uses_cudagraphs(TrainTaskConfig(compile=True, compile_mode="max-autotune-no-cudagraphs"))
+    assert resolve_config(TrainTaskConfig, flags={"compile": True, "compile_mode": "max-autotune"}).compile_mode == (
+        "max-autotune"
+    )
+
+
+def test_cuda_graph_mode_on_a_cpu_warns_and_compiles(caplog: pytest.LogCaptureFixture) -> None:
+    backbone = TinyBackbone(MICRO)
+    with caplog.at_level("INFO", logger="vlacl.training.model"):
+        regions = compile_backbone(backbone, "cpu", "reduce-overhead")
+    assert regions
+    assert all(compiled(block) for block in regions)
+    assert any("CUDA graphs need a GPU" in r.getMessage() for r in caplog.records)
+    assert any("mode reduce-overhead" in r.getMessage() for r in caplog.records)

@@ -39,3 +39,32 @@ def test_compiled_training_on_cuda_matches_eager(stream: Stream, tmp_path: Path)
     eager = run_train_task(stream.config(steps=3, device="cuda"), out=tmp_path / "eager")
     compiled = run_train_task(stream.config(steps=3, device="cuda", compile=True), out=tmp_path / "compiled")
     assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["tiny", "qwen2_5_vl"])
+def test_cuda_graph_training_matches_eager(family: str, tmp_path: Path) -> None:
+    """``--compile-mode reduce-overhead``: blocks replayed as CUDA graphs; steps and validation give eager's losses."""
+    from tests.hf_factories import FACTORIES
+    from tests.train_factories import make_stream
+    from vlacl.config.lora import AdapterConfig
+
+    model = None if family == "tiny" else FACTORIES[family](tmp_path / "model")
+    stream = make_stream(tmp_path / "s", **({} if model is None else {"model": model}))
+    common = {
+        "steps": 6,
+        "log_every": 1,
+        "val_every": 3,
+        "device": "cuda",
+        "precision": "bf16",
+        "adapter": AdapterConfig(rank=4, dropout=0.0),
+    }
+    eager = run_train_task(stream.config(**common), out=tmp_path / "eager")
+    torch._dynamo.utils.counters.clear()
+    graphs = run_train_task(
+        stream.config(compile=True, compile_mode="reduce-overhead", **common), out=tmp_path / "graphs"
+    )
+    assert graphs.final_loss == pytest.approx(eager.final_loss, rel=2e-2)
+    assert eager.best_val_loss is not None
+    assert graphs.best_val_loss == pytest.approx(eager.best_val_loss, rel=2e-2)
+    counters = torch._dynamo.utils.counters
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

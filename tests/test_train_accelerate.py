@@ -85,3 +85,43 @@ def test_two_cpu_processes_train_mir_and_ewc_chains(tmp_path: Path) -> None:
     for key in ("memory.episode", "memory.frame", "memory.task"):  # the same memory on every process
         assert torch.equal(mir[0][key], mir[1][key]), key
     assert sorted(set(mir[0]["memory.task"].tolist())) == [0, 1]
+
+
+def _agree(rank: int, port: int, signal_at: int, polls: int, out: str) -> None:
+    """One gloo process: poll the agreement ``polls`` times, this rank's flag set from poll ``signal_at``."""
+    import torch.distributed as dist
+
+    from vlacl.training.loop import StopAgreement
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        agreement = StopAgreement(torch.device("cpu"))
+        answers = [agreement.poll(rank == 1 and i >= signal_at) for i in range(polls)]
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(answers))
+
+
+def test_a_stop_on_one_process_is_agreed_by_all_one_step_later(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_agree, args=(port, 3, 6, str(tmp_path)), nprocs=2, join=True)
+    answers = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert answers[0] == answers[1] == [False, False, False, False, True, True]
+
+
+def test_ddp_keeps_buffers_as_built_and_finds_unused_parameters_only_for_two_stage() -> None:
+    """No buffer broadcast before each forward: every process builds the same constant buffers."""
+    from vlacl.config.train_task import TrainTaskConfig
+    from vlacl.training.loop import _make_accelerator
+
+    handler = _make_accelerator(TrainTaskConfig(device="cpu")).ddp_handler
+    assert handler.broadcast_buffers is False
+    assert handler.find_unused_parameters is False
+    two_stage = _make_accelerator(TrainTaskConfig(device="cpu", two_stage=True)).ddp_handler
+    assert two_stage.find_unused_parameters is True

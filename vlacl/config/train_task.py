@@ -16,6 +16,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Schedule = Literal["cosine", "linear", "constant"]
 ShortEpisodes = Literal["error", "skip"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 """As :data:`vlacl.data.windows.ShortEpisodes` (not imported: that module imports torch)."""
 
 SMOKE_STEPS = 4
@@ -119,6 +120,13 @@ class TrainTaskConfig:
         "compile time (minutes on a large model). Single process or DDP; not with FSDP or DeepSpeed.",
         flag="--compile",
     )
+    compile_mode: CompileMode = setting(
+        "default",
+        "torch.compile mode of --compile: default; reduce-overhead also replays each compiled block as a CUDA "
+        "graph (on a GPU: far fewer kernel launches per step, for more GPU memory and one recording per new "
+        "shape); max-autotune and max-autotune-no-cudagraphs search for faster kernels at a longer compile.",
+        flag="--compile-mode",
+    )
     workers: int = setting(0, "DataLoader worker processes (0 reads in the training process).", flag="--workers")
     seed: int = setting(0, "Seed of the model init, the sampler and the validation split.", flag="--seed")
     device: Device = setting("auto", "Device: auto (cuda if there is one), cpu, cuda or mps.", flag="--device")
@@ -161,6 +169,8 @@ class TrainTaskConfig:
             raise invalid("grad_clip", f"must be >= 0, got {self.grad_clip}", TrainTaskConfig)
         if self.cache_features and not self.two_stage:
             raise invalid("cache_features", "needs --two-stage (it caches stage 1's features)", TrainTaskConfig)
+        if self.compile_mode != "default" and not self.compile:
+            raise invalid("compile_mode", "is the mode of --compile; pass --compile too", TrainTaskConfig)
         if self.feature_cache is not None and not self.cache_features:
             raise invalid("feature_cache", "is the directory of --cache-features; pass that too", TrainTaskConfig)
 

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
 """Compiled variants dynamo keeps per code with ``--compile`` (its default 8 is too few when blocks share one)."""
 
+CUDAGRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+"""``--compile-mode`` values under which torch.compile replays the compiled blocks as CUDA graphs."""
+
 HEAD_CONFIG_KEY = "head_config"
 """Manifest details key of the head's config (what rebuilds the head around action_head.safetensors)."""
 
@@ -148,7 +151,7 @@ def build_model(
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     if cfg.compile:
-        compile_backbone(setup.base, device_type)
+        compile_backbone(setup.base, device_type, cfg.compile_mode)
     return BuiltModel(policy, setup)
 
 
@@ -158,7 +161,12 @@ def compile_regions(backbone: Any) -> list[torch.nn.Module]:
     return list(regions() if regions is not None else backbone.layer_modules())
 
 
-def compile_backbone(backbone: Any, device_type: str) -> list[torch.nn.Module]:
+def uses_cudagraphs(cfg: Any) -> bool:
+    """Whether ``--compile --compile-mode`` replays the compiled blocks as CUDA graphs."""
+    return bool(cfg.compile) and cfg.compile_mode in CUDAGRAPH_MODES
+
+
+def compile_backbone(backbone: Any, device_type: str, mode: str = "default") -> list[torch.nn.Module]:
     """Compile each of the backbone's blocks in place with ``torch.compile`` (regional compilation); return them.
 
     Called once LoRA is attached (PEFT replaces the blocks' linear layers) and before the
@@ -175,6 +183,11 @@ def compile_backbone(backbone: Any, device_type: str) -> list[torch.nn.Module]:
     (vision and language blocks, training and evaluation, gradient or not at the input) share one
     cache; dynamo's limit of 8 variants per code is raised to :data:`RECOMPILE_LIMIT` so that
     none falls back to eager.
+
+    ``mode``: torch.compile's mode (``default`` is torch's own default). With ``reduce-overhead``
+    (or ``max-autotune``) each block's forward and backward are recorded as CUDA graphs on their
+    first calls and replayed after, so a step launches a few graphs instead of thousands of kernels;
+    the training loop marks the start of every step (:func:`uses_cudagraphs`).
     """
     import torch._dynamo.config
 
@@ -186,9 +199,13 @@ def compile_backbone(backbone: Any, device_type: str) -> list[torch.nn.Module]:
         )
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for region in regions:
-        region.compile(dynamic=None, mode=None)
+        region.compile(dynamic=None, mode=None if mode == "default" else mode)
     kinds = sorted({type(region).__name__ for region in regions})
-    log.info("--compile: %d blocks (%s) compiled on their first call", len(regions), ", ".join(kinds))
-    if device_type != "cuda":
+    log.info("--compile: %d blocks (%s) compiled on their first call, mode %s", len(regions), ", ".join(kinds), mode)
+    if mode in CUDAGRAPH_MODES and device_type != "cuda":
+        log.warning(
+            "--compile-mode %s: CUDA graphs need a GPU; on %s the blocks run compiled, without them", mode, device_type
+        )
+    elif device_type != "cuda":
         log.info("--compile on %s: compilation mostly helps on GPUs, where it fuses the blocks' kernels", device_type)
     return regions
