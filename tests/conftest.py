@@ -17,6 +17,16 @@ from vlacl.evaluation.results import matrix_from_episodes
 EvalResultsFactory = Callable[..., Path]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Vlacl's cache (input hashes) in a directory of the test session, never the user's."""
+    from vlacl.artifacts.hashing import CACHE_DIR_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("vlacl-cache")))
+        yield
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     """A CLI runner that keeps stdout and stderr apart."""

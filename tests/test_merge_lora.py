@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,128 @@ def test_written_shards_are_the_bytes_safetensors_writes(tmp_path: Path, tensors
     reference = (tmp_path / "reference.safetensors").read_bytes()
     assert (tmp_path / "ours.safetensors").read_bytes() == reference
     assert result == (hashlib.sha256(reference).hexdigest(), len(reference))
+
+
+def test_a_base_merged_onto_before_is_not_hashed_again_unless_a_shard_changed(
+    tmp_path: Path, llama: Path, rich_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlacl.artifacts import hashing
+
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    shards = sorted(base.glob("*.safetensors"))
+    merge([rich_adapter], tmp_path / "first", base)  # hashes the shards, keeps their hashes
+    hashed: list[Path] = []
+    real = hashing.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(hashing, "sha256_file", counting)
+    merge([rich_adapter], tmp_path / "second", base)
+    assert not set(hashed) & set(shards)
+    recorded = {
+        Path(i.path).name: i.sha256 for i in open_artifact(tmp_path / "second").manifest.inputs if i.role == "base"
+    }
+    assert all(recorded[s.name] == real(s) for s in shards)
+    assert merge([rich_adapter], tmp_path / "second", base).already_merged
+    with safe_open(str(shards[0]), framework="pt") as fh:  # the same tensors, one of them changed
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    key = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[key] = tensors[key] + 1
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(shards[0]), metadata={"format": "pt"})
+    hashed.clear()
+    with pytest.raises(OutputExistsError, match="--overwrite"):  # not the merge it holds any more
+        merge([rich_adapter], tmp_path / "second", base)
+    assert shards[0] in hashed
+
+
+def test_shards_written_directly_equal_save_files_bytes(
+    tmp_path: Path, llama: Path, rich_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards streamed out with O_DIRECT are the files save_file writes, replaced tensors (lm_head) included."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from vlacl.adapters.merge import StreamedShard
+
+    streamed: list[bool] = []
+    finish = StreamedShard.finish
+
+    def recording(self: StreamedShard) -> tuple[str, int] | None:
+        result = finish(self)
+        streamed.append(result is not None)
+        return result
+
+    monkeypatch.setattr(StreamedShard, "finish", recording)
+    direct = merge([rich_adapter], tmp_path / "direct", llama)
+    if not streamed or not all(streamed):
+        pytest.skip("this filesystem takes no O_DIRECT writes")
+    assert len(streamed) == len(direct.shards)
+    monkeypatch.delattr(os, "O_DIRECT")  # the buffered way: no direct writes on this platform
+    buffered = merge([rich_adapter], tmp_path / "buffered", llama)
+    assert len(streamed) == len(buffered.shards)  # none streamed
+    for shard in direct.shards:
+        written = (tmp_path / "direct" / shard).read_bytes()
+        assert written == (tmp_path / "buffered" / shard).read_bytes()
+        save_file(load_file(str(tmp_path / "direct" / shard)), str(tmp_path / "ref"), metadata={"format": "pt"})
+        assert written == (tmp_path / "ref").read_bytes()
+    manifests = [open_artifact(tmp_path / name).manifest.outputs for name in ("direct", "buffered")]
+    assert {k: v.sha256 for k, v in manifests[0].items() if k.endswith(".safetensors")} == {
+        k: v.sha256 for k, v in manifests[1].items() if k.endswith(".safetensors")
+    }
+    assert verify_outputs(open_artifact(tmp_path / "direct")) == []  # the hashes taken beside the write
+
+
+def test_a_failed_update_stops_the_stream_and_leaves_nothing(
+    tmp_path: Path, llama: Path, rich_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlacl.adapters import merge as merge_module
+
+    real = merge_module._apply
+    calls = []
+
+    def failing(key: str, *args: object) -> torch.Tensor:
+        calls.append(key)
+        if len(calls) == 3:
+            raise InputFormatError(f"merging into {key} gives NaN or Inf")
+        return real(key, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(merge_module, "_apply", failing)
+    with pytest.raises(InputFormatError, match="gives NaN or Inf"):
+        merge([rich_adapter], tmp_path / "out", llama)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("vlacl-direct")]
+
+
+def test_a_base_shard_in_another_layout_is_merged_through_save_files_layout(
+    tmp_path: Path, llama: Path, rich_adapter: Path
+) -> None:
+    """Tensors stored in an order save_file would not choose: the shard cannot be written back as read."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    shard = sorted(base.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    order = sorted(tensors, reverse=True)  # names descending: not safetensors' own order
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in order:
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[tensors[key].dtype]
+        header[key] = {"dtype": dtype, "shape": list(tensors[key].shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = b"".join(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for k in order)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    merge([rich_adapter], tmp_path / "merged", base)
+    assert_same_weights(load_base(tmp_path / "merged"), peft_merged(llama, [rich_adapter]))
+    assert verify_outputs(open_artifact(tmp_path / "merged")) == []

@@ -151,6 +151,25 @@ def test_a_changed_setting_is_refused_on_resume(tmp_path: Path) -> None:
     assert result.steps == 4
 
 
+def test_how_steps_are_computed_may_change_on_resume(tmp_path: Path) -> None:
+    """--compile, its mode, activation checkpointing and loader workers change speed, not the run."""
+    from vlacl.config.core import config_to_dict
+    from vlacl.training.loop import resume_differences
+
+    torch.set_num_threads(1)
+    stream = make_stream(tmp_path / "stream")
+    flag = StopFlag()
+    flag.set(signal.SIGTERM)
+    with pytest.raises(PreemptedError):
+        run_train_task(stream.config(steps=4), out=tmp_path / "cut", stop=flag)
+    result = run_train_task(stream.config(steps=4, activation_checkpointing=True, workers=1), out=tmp_path / "cut")
+    assert result.steps == 4
+    saved = config_to_dict(stream.config(steps=4))
+    faster = config_to_dict(stream.config(steps=4, compile=True, compile_mode="reduce-overhead"))
+    assert resume_differences(saved, faster) == []
+    assert resume_differences(saved, config_to_dict(stream.config(steps=4, batch_size=3))) == ["batch_size"]
+
+
 def test_a_changed_prev_is_refused_on_resume(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     stream = make_stream(tmp_path / "stream")

@@ -283,10 +283,53 @@ class ShardBuffer:
     def __init__(self, size: int) -> None:
         if sys.byteorder != "little":
             raise InputFormatError("safetensors files are little-endian; vlacl merges on little-endian machines only")
-        self._buffer = mmap.mmap(-1, max(size, 1))
+        # whole pages: a shard written back from the buffer with O_DIRECT may end on a padded block
+        self._buffer = mmap.mmap(-1, -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        self.size = 0
+        """Bytes of the shard read last."""
+
+    @property
+    def raw(self) -> mmap.mmap:
+        """The buffer itself (page-aligned, :attr:`capacity` bytes)."""
+        return self._buffer
+
+    @property
+    def capacity(self) -> int:
+        """The buffer's size in bytes: the largest shard, rounded up to whole pages."""
+        return len(self._buffer)
+
+    def place(self, tensors: Mapping[str, torch.Tensor], header: bytes) -> memoryview | None:
+        """The buffer as the file ``header`` + the tensors' bytes, when the shard read last has that very layout.
+
+        A merge that keeps every dtype writes a shard with the header it read (the same names,
+        shapes and offsets, as ``save_file`` lays them out): the buffer then already is the merged
+        file, except for tensors that were replaced by new ones (``modules_to_save``), which are
+        copied to their places here. The view covers the buffer's whole pages, from the start.
+
+        Returns:
+            ``None`` when the header differs from the one read (another layout: the caller writes
+            the file itself).
+        """
+        import torch
+
+        start = len(header)
+        if self.size < start or self._buffer[:start] != header:
+            return None
+        info = json.loads(header[8:])
+        whole = torch.frombuffer(self._buffer, dtype=torch.uint8)
+        for key, tensor in tensors.items():
+            begin, end = (start + offset for offset in info[key]["data_offsets"])
+            place = whole[begin:end]
+            if tensor.numel() and tensor.data_ptr() != place.data_ptr():
+                place.copy_(tensor.contiguous().reshape(-1).view(torch.uint8))
+        return memoryview(self._buffer)
 
     def read(
-        self, base: BaseModel, shard: str, ready: Callable[[str, torch.Tensor], None] | None = None
+        self,
+        base: BaseModel,
+        shard: str,
+        ready: Callable[[str, torch.Tensor], None] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Read ``shard`` of ``base`` whole and return its tensors, checked against the header read before.
 
@@ -295,12 +338,15 @@ class ShardBuffer:
             shard: The shard's file name.
             ready: Called with each tensor as soon as its bytes are in, while the rest is still
                 being read, so that work on it overlaps the reading.
+            progress: Called as the reading goes with the number of leading bytes of the file
+                whose tensors have all been handed to ``ready`` (the header included).
 
         Raises:
             InputFormatError: The file no longer matches the header :func:`read_base_model` read
                 (it changed or was damaged since), or it is larger than the buffer.
         """
         file = base.path / shard
+        self.size = 0
         view = memoryview(self._buffer)
         tensors: dict[str, torch.Tensor] = {}
         try:
@@ -329,6 +375,8 @@ class ShardBuffer:
                         tensors[key] = self._view(start + begin, end - begin, dtype, base.tensors[key].shape)
                         if ready is not None:
                             ready(key, tensors[key])
+                    if progress is not None and start:
+                        progress(start + entries[0][0] if entries else done)
         except (OSError, ValueError, struct.error) as exc:
             raise InputFormatError(f"base model shard {file} cannot be read ({exc}): fetch the model again") from None
         finally:
@@ -337,6 +385,7 @@ class ShardBuffer:
             raise InputFormatError(
                 f"base model shard {file} changed since vlacl read its header: fetch the model again"
             )
+        self.size = size
         return tensors
 
     @staticmethod

@@ -13,6 +13,8 @@ adapter saving a tensor winning, and the LoRA updates are added on top.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from vlacl.artifacts.hashing import sha256_buffers, sha256_file, sha256_file_synced, sync_file
+from vlacl.artifacts.hashing import sha256_buffers, sha256_file, sha256_file_cached, sha256_file_synced, sync_file
 from vlacl.artifacts.manifest import read_manifest
 from vlacl.artifacts.names import FILE_KIND, MANIFEST_NAME, SAFETENSORS_INDEX_NAME
 from vlacl.artifacts.writer import ArtifactWriter, check_output_dir
@@ -52,6 +54,10 @@ BLOCK_ELEMENTS: Final = 1 << 18
 WRITEBACK_BYTES: Final = 1 << 20
 """Tensors at least this large are handed to the disk as soon as written (``POSIX_FADV_DONTNEED``
 starts the writeback of dirty pages without waiting for it), so a shard's sync overlaps its write."""
+DIRECT_BLOCK: Final = 4096
+"""Alignment of O_DIRECT writes: buffer address, file offset and length (a page covers every block size)."""
+DIRECT_CHUNK: Final = 64 << 20
+"""Bytes per O_DIRECT write call."""
 SAFETENSORS_METADATA: Final = {"format": "pt"}
 POLICY_DETAILS: Final = (
     "head_config",
@@ -328,8 +334,9 @@ def _merge_shard(
     plan: Mapping[str, _TensorPlan],
     out_dtype: torch.dtype | None,
     pool: ThreadPoolExecutor,
+    stream: StreamedShard | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Merge one shard: read it into ``buffer`` and update its weights in ``pool``.
+    """Merge one shard: read it into ``buffer`` and update its weights in ``pool`` (and write it out in ``stream``).
 
     Returns:
         The tensors to write (views of ``buffer``, or new tensors where the dtype changed).
@@ -342,11 +349,13 @@ def _merge_shard(
         entry = plan.get(key)
         if entry is not None:
             pending[key] = pool.submit(_apply, key, tensor, entry, target)
+            if stream is not None:
+                stream.updating(key, pending[key])
         elif target != tensor.dtype:
             converted[key] = tensor.to(target)
 
     try:
-        tensors = buffer.read(base, shard, ready)
+        tensors = buffer.read(base, shard, ready, stream.progress if stream is not None else None)
     except BaseException:
         for future in pending.values():
             future.cancel()
@@ -428,7 +437,240 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data  # (nbytes,)
 
 
-def write_shard(tensors: Mapping[str, torch.Tensor], dst: Path, pool: ThreadPoolExecutor) -> tuple[str, int] | None:
+def write_direct(data: memoryview, size: int, dst: Path) -> bool:
+    """Write ``data[:size]`` to a new file ``dst`` with ``O_DIRECT``, from page-aligned memory.
+
+    The bytes go from the buffer to the disk without the page cache: on the machines measured,
+    buffered writing followed by the sync an artifact needs wrote at a quarter of the speed of
+    direct writes (a 2-core VM: 0.3 against 1.2 GB/s). The last block is written whole from the
+    buffer's padding and the file cut back to ``size``. ``data`` must start page-aligned and
+    extend to the next multiple of :data:`DIRECT_BLOCK` past ``size``.
+
+    Returns:
+        ``False``, leaving nothing at ``dst``, where the platform or the filesystem has no direct
+        writes (``O_DIRECT`` missing, ``EINVAL``: tmpfs, some network filesystems); the caller
+        writes the file the usual way then.
+
+    Raises:
+        OSError: Any other write error (the file is removed).
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    padded = -(-size // DIRECT_BLOCK) * DIRECT_BLOCK
+    if not flag or padded > data.nbytes:
+        return False
+    try:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    try:
+        done = 0
+        while done < padded:
+            done += os.write(fd, data[done : min(padded, done + DIRECT_CHUNK)])
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        dst.unlink(missing_ok=True)
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+def _shard_layout(base: BaseModel, shard: str) -> tuple[bytes, dict[str, tuple[int, int]]] | None:
+    """The header ``save_file`` writes for ``shard``'s tensors and each one's place in the file, when the file has it.
+
+    ``None`` when the file's own header differs (another order, other metadata) or a dtype is one
+    vlacl does not lay out.
+    """
+    import torch
+
+    from .hf_model import TORCH_DTYPES
+
+    meta = {}
+    for key, info in base.tensors.items():
+        if info.shard != shard:
+            continue
+        dtype = getattr(torch, TORCH_DTYPES.get(info.dtype, ""), None)
+        if not isinstance(dtype, torch.dtype):
+            return None
+        meta[key] = torch.empty(info.shape, dtype=dtype, device="meta")
+    layout = safetensors_layout(meta, SAFETENSORS_METADATA)
+    if layout is None:
+        return None
+    header, _ = layout
+    try:
+        with (base.path / shard).open("rb") as fh:
+            if fh.read(len(header)) != header:
+                return None
+    except OSError:
+        return None
+    entries = json.loads(header[8:])
+    places = {
+        key: (len(header) + e["data_offsets"][0], len(header) + e["data_offsets"][1])
+        for key, e in entries.items()
+        if key != "__metadata__"
+    }
+    return header, places
+
+
+class StreamedShard:
+    """Write a shard with ``O_DIRECT`` and hash it while it is still being read and merged.
+
+    The merged shard is the buffer it was read into (:func:`_shard_layout`: the file already has
+    the layout ``save_file`` gives), so its bytes can go to the disk as soon as they are final: read,
+    and, for the tensors being updated, updated. A writer thread and a hasher thread follow that
+    frontier in file order, so reading, updating, writing and hashing overlap instead of taking
+    turns; a tensor that was replaced by a new one (``modules_to_save``) is copied to its place
+    first. Memory stays the one buffer.
+    """
+
+    CHUNK: Final = 16 << 20
+    """Bytes the writer waits for before a write (the last write takes what is left)."""
+
+    def __init__(self, buffer: ShardBuffer, places: Mapping[str, tuple[int, int]], size: int, fd: int) -> None:
+        import torch
+
+        self.buffer = buffer
+        self.places = places
+        self.size = size
+        self.fd = fd
+        self.cond = threading.Condition()
+        self.safe = 0
+        self.pending: list[tuple[int, str, Future[torch.Tensor]]] = []
+        self.failed: BaseException | None = None
+        self.stopped = False
+        self.whole = torch.frombuffer(buffer.raw, dtype=torch.uint8)
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._write,), name="vlacl-direct-write", daemon=True),
+            threading.Thread(target=self._guard, args=(self._hash,), name="vlacl-direct-hash", daemon=True),
+        ]
+        self.digest = hashlib.sha256()
+        for thread in self._threads:
+            thread.start()
+
+    @classmethod
+    def open(cls, base: BaseModel, shard: str, buffer: ShardBuffer, dst: Path) -> StreamedShard | None:
+        """Start streaming ``shard`` to ``dst``; ``None`` (nothing at ``dst``) where direct writes cannot be used."""
+        layout = _shard_layout(base, shard)
+        flag = getattr(os, "O_DIRECT", 0)
+        size = base.shard_bytes(shard)
+        if layout is None or not flag or -(-size // DIRECT_BLOCK) * DIRECT_BLOCK > buffer.capacity:
+            return None
+        try:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return None
+            raise
+        return cls(buffer, layout[1], size, fd)
+
+    def updating(self, key: str, future: Future[torch.Tensor]) -> None:
+        """``key``'s bytes are final once ``future`` (its update) is done."""
+        with self.cond:
+            self.pending.append((self.places[key][0], key, future))
+            self.pending.sort(key=lambda item: item[0])
+        future.add_done_callback(lambda _: self._notify())
+
+    def progress(self, safe: int) -> None:
+        """The first ``safe`` bytes are read and their tensors handed over."""
+        with self.cond:
+            self.safe = safe
+            self.cond.notify_all()
+
+    def _notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _frontier(self) -> int:
+        """Bytes final from the start (under the lock); a failed update stops the stream."""
+        while self.pending and self.pending[0][2].done():
+            begin, key, future = self.pending.pop(0)
+            tensor = future.result()
+            end = self.places[key][1]
+            place = self.whole[begin:end]
+            if tensor.numel() and tensor.data_ptr() != place.data_ptr():
+                place.copy_(tensor.contiguous().reshape(-1).view(place.dtype))
+        return min(self.safe, self.pending[0][0]) if self.pending else self.safe
+
+    def _next(self, done: int, align: int) -> int:
+        """Wait until bytes past ``done`` are final; the end of the next piece (aligned down, but for the last)."""
+        with self.cond:
+            while True:
+                if self.stopped:
+                    raise _StoppedError
+                frontier = self._frontier()
+                if frontier >= self.size:
+                    return self.size
+                end = frontier - frontier % align
+                if end - done >= self.CHUNK:
+                    return min(end, done + self.CHUNK)
+                self.cond.wait()
+
+    def _write(self) -> None:
+        data = memoryview(self.buffer.raw)
+        done = 0
+        while done < self.size:
+            end = self._next(done, DIRECT_BLOCK)
+            stop = end if end < self.size else -(-end // DIRECT_BLOCK) * DIRECT_BLOCK
+            while done < stop:
+                done += os.write(self.fd, data[done:stop])
+        os.ftruncate(self.fd, self.size)
+
+    def _hash(self) -> None:
+        data = memoryview(self.buffer.raw)
+        done = 0
+        while done < self.size:
+            end = self._next(done, 1)
+            self.digest.update(data[done:end])
+            done = end
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except _StoppedError:
+            pass
+        except BaseException as exc:
+            with self.cond:
+                self.failed = self.failed or exc
+                self.stopped = True
+                self.cond.notify_all()
+
+    def finish(self) -> tuple[str, int] | None:
+        """Wait for the writer and the hasher: the file's sha256 and size, or ``None`` when direct writes failed.
+
+        Raises:
+            BaseException: What an update or a write raised (other than ``EINVAL``).
+        """
+        for thread in self._threads:
+            thread.join()
+        os.close(self.fd)
+        failed = self.failed
+        if failed is None:
+            return self.digest.hexdigest(), self.size
+        if isinstance(failed, OSError) and failed.errno == errno.EINVAL:
+            return None
+        raise failed
+
+    def abort(self) -> None:
+        """Stop the threads and close the file (the caller removes it)."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+        os.close(self.fd)
+
+
+class _StoppedError(Exception):
+    """The stream was stopped: its threads end quietly."""
+
+
+def write_shard(
+    tensors: Mapping[str, torch.Tensor], dst: Path, pool: ThreadPoolExecutor, buffer: ShardBuffer | None = None
+) -> tuple[str, int] | None:
     """Write ``tensors`` as the safetensors file ``dst`` and hash the bytes in ``pool`` as they are written.
 
     The file is exactly what ``safetensors.torch.save_file(tensors, dst, metadata={"format": "pt"})``
@@ -436,6 +678,10 @@ def write_shard(tensors: Mapping[str, torch.Tensor], dst: Path, pool: ThreadPool
     2-core machine); its sha256 comes from the same memory, hashed in ``pool``
     beside the write, so the file is never read back. The writeback of each large tensor to the
     disk starts as soon as it is written (see :data:`WRITEBACK_BYTES`).
+
+    With the ``buffer`` the tensors were read into, when the file has the layout of the shard
+    read (:meth:`ShardBuffer.place`), the buffer is written as it is, with ``O_DIRECT``
+    (:func:`write_direct`), its hash computed from the same memory beside the write.
 
     Returns:
         The file's hex sha256 and size; ``None`` when ``save_file`` wrote it (see
@@ -448,6 +694,16 @@ def write_shard(tensors: Mapping[str, torch.Tensor], dst: Path, pool: ThreadPool
         save_file(dict(tensors), str(dst), metadata=dict(SAFETENSORS_METADATA))
         return None
     header, ordered = layout
+    whole = buffer.place(tensors, header) if buffer is not None else None
+    if whole is not None and buffer is not None:
+        file_bytes = whole[: buffer.size]
+        digest = pool.submit(sha256_buffers, [file_bytes])
+        try:
+            direct = write_direct(whole, buffer.size, dst)
+        finally:
+            wait([digest])  # the buffer stays untouched until the hash is done
+        if direct:
+            return digest.result()
     pieces = [memoryview(header), *(_raw_bytes(t) for t in ordered if t.numel())]
     digest = pool.submit(sha256_buffers, pieces)
     try:
@@ -483,7 +739,9 @@ def _recording_in_background(writer: ArtifactWriter, role: str, files: Sequence[
     """Record ``files`` as inputs of ``writer`` in a background thread while the block runs.
 
     Hashing the base model's shards reads them once more; done beside the merge it costs little
-    wall time, since hashing and the merge's disk writes release the GIL. The thread records in
+    wall time, since hashing and the merge's disk writes release the GIL, and a base merged onto
+    before comes from the hash cache (:func:`~vlacl.artifacts.hashing.sha256_file_cached`), unless
+    a shard changed since. The thread records in
     order, so the manifest lists the files in a fixed order; it stops after the current file
     when the block fails.
     """
@@ -492,7 +750,7 @@ def _recording_in_background(writer: ArtifactWriter, role: str, files: Sequence[
     workers = _background_workers(len(files))
 
     def digest(file: Path) -> str | None:
-        return None if stop.is_set() else sha256_file(file)
+        return None if stop.is_set() else sha256_file_cached(file)
 
     def record() -> None:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlacl-hash") as pool:
@@ -569,7 +827,7 @@ def _expected_inputs(base: BaseModel, sources: Sequence[AdapterSource]) -> list[
     """``(role, kind, sha256)`` of every input a merge of these records, as in its manifest."""
     records = [rec for source in sources for rec in source.expected_hashes()]
     records.append(("base", FILE_KIND, sha256_file(base.path / HF_CONFIG_NAME)))
-    records.extend(("base", FILE_KIND, sha256_file(base.path / shard)) for shard in base.shards)
+    records.extend(("base", FILE_KIND, sha256_file_cached(base.path / shard)) for shard in base.shards)
     return sorted(records)
 
 
@@ -681,8 +939,17 @@ def merge_lora(
                     shutil.copyfile(file, writer.path / file.name)
             for number, name in enumerate(base_model.shards, start=1):
                 shard_started = time.perf_counter()
-                tensors = _merge_shard(base_model, name, buffer, plan, out_dtype, pool)
-                hashed = write_shard(tensors, writer.path / name, pool)
+                dst = writer.path / name
+                stream = StreamedShard.open(base_model, name, buffer, dst) if out_dtype is None else None
+                try:
+                    tensors = _merge_shard(base_model, name, buffer, plan, out_dtype, pool, stream)
+                except BaseException:
+                    if stream is not None:
+                        stream.abort()
+                    raise
+                hashed = stream.finish() if stream is not None else None
+                if hashed is None:  # not streamed, or the filesystem refused direct writes on the way
+                    hashed = write_shard(tensors, dst, pool, buffer)
                 # sync the shard (and hash it, if the write did not) while the next one merges
                 synced.append((writer.path / name, syncer.submit(_synced, writer.path / name, hashed)))
                 for key, tensor in tensors.items():

@@ -1,11 +1,22 @@
-"""Streaming sha256 of files and of in-memory buffers, and syncing files to disk."""
+"""Streaming sha256 of files and of in-memory buffers, a cache of large inputs' hashes, and syncing files to disk."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV: Final = "VLACL_CACHE_DIR"
+"""Where vlacl keeps what it can recompute (default ``$XDG_CACHE_HOME/vlacl``, else ``~/.cache/vlacl``)."""
+HASH_CACHE_ENV: Final = "VLACL_HASH_CACHE"
+"""``off`` hashes every input file each time, keeping no cache."""
 
 _CHUNK = 1 << 20  # 1 MiB reads: large enough for full disk speed, small enough to bound memory
 
@@ -61,3 +72,71 @@ def sync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """Vlacl's cache directory: ``$VLACL_CACHE_DIR``, else ``$XDG_CACHE_HOME/vlacl``, else ``~/.cache/vlacl``."""
+    named = os.environ.get(CACHE_DIR_ENV)
+    if named:
+        return Path(named)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vlacl"
+
+
+def _file_identity(path: Path) -> dict[str, int | str]:
+    st = path.stat()
+    return {
+        "path": str(path.resolve()),
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+
+
+def sha256_file_cached(path: Path) -> str:
+    """The hex sha256 of a large input file, from the hash cache when the file is unchanged since it was hashed.
+
+    A model's shards are inputs of every merge onto that model; hashing them (gigabytes) again each
+    time would cost more than the merge. The cache keeps, per file, its sha256 with what ``stat``
+    says of it: device, inode, size, modification and status-change times in nanoseconds. Any write
+    to the file changes its status-change time, which no tool can set back, so an entry that still
+    matches is the file as it was hashed (git's index trusts the same fields). Entries are small
+    JSON files under ``<cache_dir>/sha256``; a cache that cannot be read or written only costs the
+    hashing. ``VLACL_HASH_CACHE=off`` hashes every time. Artifact verification never uses it.
+
+    Raises:
+        OSError: The file cannot be read.
+    """
+    path = Path(path)
+    if os.environ.get(HASH_CACHE_ENV, "").lower() in ("off", "0", "false", "no"):
+        return sha256_file(path)
+    identity = _file_identity(path)
+    key = hashlib.sha256(f"{identity['path']}\0{identity['dev']}\0{identity['ino']}".encode()).hexdigest()[:40]
+    entry = cache_dir() / "sha256" / f"{key}.json"
+    try:
+        cached = json.loads(entry.read_text(encoding="utf-8"))
+        if isinstance(cached, dict) and {k: cached.get(k) for k in identity} == identity:
+            digest = cached.get("sha256")
+            if isinstance(digest, str) and len(digest) == 64:
+                return digest
+    except (OSError, ValueError):
+        pass
+    digest = sha256_file(path)
+    if _file_identity(path) != identity:  # changed while being hashed: nothing to keep
+        return digest
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{key}.", suffix=".tmp")
+    except OSError as exc:
+        log.debug("hash cache %s not written: %s", entry, exc)
+        return digest
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({**identity, "sha256": digest}, fh)
+        Path(tmp).replace(entry)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        log.debug("hash cache %s not written: %s", entry, exc)
+    return digest

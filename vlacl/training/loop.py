@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 
@@ -72,6 +72,15 @@ class StopFlag:
     def is_set(self) -> bool:
         """Whether a stop was asked for."""
         return self.signum is not None
+
+
+RESUME_FREE_KEYS: Final = frozenset({"compile", "compile_mode", "activation_checkpointing", "workers"})
+"""Settings a run may resume with changed: how the same steps are computed, not which steps."""
+
+
+def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The settings that differ between a resume state's config and this run's, less :data:`RESUME_FREE_KEYS`."""
+    return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
 
 
 class StopAgreement:
@@ -743,10 +752,8 @@ class _Trainer:
     def _restore(self) -> None:
         loaded = ckpt.load_resume_state(self.rdir)
         state = loaded["state"]
-        if state.get("config") != config_to_dict(self.cfg):
-            saved = state.get("config") or {}
-            now = config_to_dict(self.cfg)
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        diff = resume_differences(state.get("config") or {}, config_to_dict(self.cfg))
+        if diff:
             raise ConfigError(
                 f"the resume state at {self.rdir} was saved with other settings ({', '.join(diff)} differ): resume "
                 "with the same settings, or pass --resume never to start over"
