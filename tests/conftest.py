@@ -28,6 +28,22 @@ def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
 
 
 @pytest.fixture
+def hashed_files(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files ``vlacl.artifacts.hashing.sha256_file`` reads from now on, in order (it still hashes them)."""
+    from vlacl.artifacts import hashing
+
+    calls: list[Path] = []
+    real = hashing.sha256_file
+
+    def recording(path: Path) -> str:
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(hashing, "sha256_file", recording)
+    return calls
+
+
+@pytest.fixture
 def runner() -> CliRunner:
     """A CLI runner that keeps stdout and stderr apart."""
     return CliRunner()

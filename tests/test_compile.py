@@ -143,6 +143,12 @@ def test_compile_mode_needs_compile_and_names_the_cuda_graph_modes() -> None:
     assert resolve_config(TrainTaskConfig, flags={"compile": True, "compile_mode": "max-autotune"}).compile_mode == (
         "max-autotune"
     )
+    graphs = {"compile": True, "compile_mode": "reduce-overhead"}
+    with pytest.raises(ConfigError, match=r"cannot accumulate gradients over --grad-accum 2"):
+        TrainTaskConfig(grad_accum=2, **graphs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"cannot run with --cl agem"):
+        TrainTaskConfig(cl="agem", **graphs)  # type: ignore[arg-type]
+    assert TrainTaskConfig(compile=True, grad_accum=2, cl="agem").grad_accum == 2  # default mode: no graphs
 
 
 def test_cuda_graph_mode_on_a_cpu_warns_and_compiles(caplog: pytest.LogCaptureFixture) -> None:

@@ -49,7 +49,7 @@ def test_cuda_graph_training_matches_eager(family: str, tmp_path: Path) -> None:
     from vlacl.config.lora import AdapterConfig
 
     model = None if family == "tiny" else FACTORIES[family](tmp_path / "model")
-    stream = make_stream(tmp_path / "s", **({} if model is None else {"model": model}))
+    stream = make_stream(tmp_path / "s", model=model)
     common = {
         "steps": 6,
         "log_every": 1,

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -365,22 +366,18 @@ def test_written_shards_are_the_bytes_safetensors_writes(tmp_path: Path, tensors
 
 
 def test_a_base_merged_onto_before_is_not_hashed_again_unless_a_shard_changed(
-    tmp_path: Path, llama: Path, rich_adapter: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, llama: Path, rich_adapter: Path, hashed_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vlacl.artifacts import hashing
+    from vlacl.artifacts.hashing import sha256_file as real
 
+    monkeypatch.setattr(hashing, "RACY_NS", 0)  # the copied shards changed just now
     base = tmp_path / "base"
     shutil.copytree(llama, base)
     shards = sorted(base.glob("*.safetensors"))
     merge([rich_adapter], tmp_path / "first", base)  # hashes the shards, keeps their hashes
-    hashed: list[Path] = []
-    real = hashing.sha256_file
-
-    def counting(path: Path) -> str:
-        hashed.append(Path(path))
-        return real(path)
-
-    monkeypatch.setattr(hashing, "sha256_file", counting)
+    hashed = hashed_files
+    hashed.clear()
     merge([rich_adapter], tmp_path / "second", base)
     assert not set(hashed) & set(shards)
     recorded = {
@@ -487,3 +484,44 @@ def test_a_base_shard_in_another_layout_is_merged_through_save_files_layout(
     merge([rich_adapter], tmp_path / "merged", base)
     assert_same_weights(load_base(tmp_path / "merged"), peft_merged(llama, [rich_adapter]))
     assert verify_outputs(open_artifact(tmp_path / "merged")) == []
+
+
+@pytest.mark.parametrize("fail_at", [None, 2])
+def test_streaming_in_small_pieces_writes_save_files_bytes(
+    tmp_path: Path, llama: Path, rich_adapter: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int | None
+) -> None:
+    """Writes and hashes follow the reading and the updates piece by piece; EINVAL on the way falls back."""
+    import errno
+    import os
+    import random
+
+    from vlacl.adapters import hf_model
+    from vlacl.adapters import merge as merge_module
+
+    reference = merge([rich_adapter], tmp_path / "buffered", llama)  # O_DIRECT or not, the expected bytes
+    monkeypatch.setattr(merge_module.StreamedShard, "CHUNK", 4096)
+    monkeypatch.setattr(hf_model, "_READ_CHUNK", 1000)
+    apply, write = merge_module._apply, os.write
+    delays = random.Random(0)
+    writes: list[int] = []
+
+    def slow_apply(*args: object) -> torch.Tensor:
+        time.sleep(delays.random() * 0.01)  # updates finish out of order
+        return apply(*args)  # type: ignore[arg-type]
+
+    def counting_write(fd: int, data: object) -> int:
+        if threading.current_thread().name == "vlacl-direct-write":
+            writes.append(fd)
+            if fail_at is not None and len(writes) == fail_at:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(merge_module, "_apply", slow_apply)
+    monkeypatch.setattr(os, "write", counting_write)
+    streamed = merge([rich_adapter], tmp_path / "streamed", llama)
+    if not writes:
+        pytest.skip("this filesystem takes no O_DIRECT writes")
+    assert len(writes) > len(streamed.shards)  # several pieces per shard
+    for shard in reference.shards:
+        assert (tmp_path / "streamed" / shard).read_bytes() == (tmp_path / "buffered" / shard).read_bytes()
+    assert verify_outputs(open_artifact(tmp_path / "streamed")) == []

@@ -105,12 +105,12 @@ def _agree(rank: int, port: int, signal_at: int, polls: int, out: str) -> None:
 def test_a_stop_on_one_process_is_agreed_by_all_one_step_later(tmp_path: Path) -> None:
     import socket
 
-    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import spawn
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_agree, args=(port, 3, 6, str(tmp_path)), nprocs=2, join=True)
+    spawn(_agree, args=(port, 3, 6, str(tmp_path)), nprocs=2, join=True)  # type: ignore[no-untyped-call]
     answers = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert answers[0] == answers[1] == [False, False, False, False, True, True]
 

@@ -138,20 +138,7 @@ def test_stop_flag_then_resume_in_process_across_epochs_and_accumulation(tmp_pat
     assert [json.loads(x)["step"] for x in cut_log] == [json.loads(x)["step"] for x in whole_log]
 
 
-def test_a_changed_setting_is_refused_on_resume(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    stream = make_stream(tmp_path / "stream")
-    flag = StopFlag()
-    flag.set(signal.SIGTERM)
-    with pytest.raises(PreemptedError):
-        run_train_task(stream.config(steps=4), out=tmp_path / "cut", stop=flag)
-    with pytest.raises(ConfigError, match=r"saved with other settings \(lr differ\)"):
-        run_train_task(stream.config(steps=4, lr=5e-4), out=tmp_path / "cut")
-    result = run_train_task(stream.config(steps=4, lr=5e-4), out=tmp_path / "cut", resume="never")
-    assert result.steps == 4
-
-
-def test_how_steps_are_computed_may_change_on_resume(tmp_path: Path) -> None:
+def test_a_changed_setting_is_refused_on_resume_unless_it_only_changes_speed(tmp_path: Path) -> None:
     """--compile, its mode, activation checkpointing and loader workers change speed, not the run."""
     from vlacl.config.core import config_to_dict
     from vlacl.training.loop import resume_differences
@@ -162,6 +149,8 @@ def test_how_steps_are_computed_may_change_on_resume(tmp_path: Path) -> None:
     flag.set(signal.SIGTERM)
     with pytest.raises(PreemptedError):
         run_train_task(stream.config(steps=4), out=tmp_path / "cut", stop=flag)
+    with pytest.raises(ConfigError, match=r"saved with other settings \(lr differ\)"):
+        run_train_task(stream.config(steps=4, lr=5e-4), out=tmp_path / "cut")
     result = run_train_task(stream.config(steps=4, activation_checkpointing=True, workers=1), out=tmp_path / "cut")
     assert result.steps == 4
     saved = config_to_dict(stream.config(steps=4))

@@ -437,6 +437,23 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data  # (nbytes,)
 
 
+def _open_direct(dst: Path) -> int | None:
+    """A new file ``dst`` opened for ``O_DIRECT`` writes; ``None`` where the platform or filesystem has none.
+
+    Raises:
+        OSError: Any error but ``EINVAL`` (the filesystem's "no direct I/O here").
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+
+
 def write_direct(data: memoryview, size: int, dst: Path) -> bool:
     """Write ``data[:size]`` to a new file ``dst`` with ``O_DIRECT``, from page-aligned memory.
 
@@ -447,35 +464,29 @@ def write_direct(data: memoryview, size: int, dst: Path) -> bool:
     extend to the next multiple of :data:`DIRECT_BLOCK` past ``size``.
 
     Returns:
-        ``False``, leaving nothing at ``dst``, where the platform or the filesystem has no direct
-        writes (``O_DIRECT`` missing, ``EINVAL``: tmpfs, some network filesystems); the caller
-        writes the file the usual way then.
+        ``False`` where the platform or the filesystem has no direct writes (``O_DIRECT``
+        missing, or ``EINVAL`` from the filesystem, as from some network and older in-memory
+        filesystems); the caller then writes ``dst`` the usual way, over whatever is there.
 
     Raises:
         OSError: Any other write error (the file is removed).
     """
-    flag = getattr(os, "O_DIRECT", 0)
     padded = -(-size // DIRECT_BLOCK) * DIRECT_BLOCK
-    if not flag or padded > data.nbytes:
+    fd = _open_direct(dst) if padded <= data.nbytes else None
+    if fd is None:
         return False
-    try:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
     try:
         done = 0
         while done < padded:
             done += os.write(fd, data[done : min(padded, done + DIRECT_CHUNK)])
         os.ftruncate(fd, size)
     except OSError as exc:
-        os.close(fd)
         dst.unlink(missing_ok=True)
         if exc.errno == errno.EINVAL:
             return False
         raise
-    os.close(fd)
+    finally:
+        os.close(fd)
     return True
 
 
@@ -513,6 +524,8 @@ def _shard_layout(base: BaseModel, shard: str) -> tuple[bytes, dict[str, tuple[i
         for key, e in entries.items()
         if key != "__metadata__"
     }
+    if max((end for _, end in places.values()), default=len(header)) != base.shard_bytes(shard):
+        return None  # bytes after the last tensor: save_file would not write them
     return header, places
 
 
@@ -530,10 +543,14 @@ class StreamedShard:
     CHUNK: Final = 16 << 20
     """Bytes the writer waits for before a write (the last write takes what is left)."""
 
-    def __init__(self, buffer: ShardBuffer, places: Mapping[str, tuple[int, int]], size: int, fd: int) -> None:
+    def __init__(
+        self, buffer: ShardBuffer, header: bytes, places: Mapping[str, tuple[int, int]], size: int, fd: int
+    ) -> None:
         import torch
 
         self.buffer = buffer
+        self.header = header
+        self.checked = False
         self.places = places
         self.size = size
         self.fd = fd
@@ -548,24 +565,24 @@ class StreamedShard:
             threading.Thread(target=self._guard, args=(self._hash,), name="vlacl-direct-hash", daemon=True),
         ]
         self.digest = hashlib.sha256()
-        for thread in self._threads:
-            thread.start()
+        started = []
+        try:
+            for thread in self._threads:
+                thread.start()
+                started.append(thread)
+        except BaseException:
+            self.abort(started)
+            raise
 
     @classmethod
     def open(cls, base: BaseModel, shard: str, buffer: ShardBuffer, dst: Path) -> StreamedShard | None:
         """Start streaming ``shard`` to ``dst``; ``None`` (nothing at ``dst``) where direct writes cannot be used."""
         layout = _shard_layout(base, shard)
-        flag = getattr(os, "O_DIRECT", 0)
         size = base.shard_bytes(shard)
-        if layout is None or not flag or -(-size // DIRECT_BLOCK) * DIRECT_BLOCK > buffer.capacity:
+        if layout is None or -(-size // DIRECT_BLOCK) * DIRECT_BLOCK > buffer.capacity:
             return None
-        try:
-            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                return None
-            raise
-        return cls(buffer, layout[1], size, fd)
+        fd = _open_direct(dst)
+        return None if fd is None else cls(buffer, layout[0], layout[1], size, fd)
 
     def updating(self, key: str, future: Future[torch.Tensor]) -> None:
         """``key``'s bytes are final once ``future`` (its update) is done."""
@@ -575,8 +592,18 @@ class StreamedShard:
         future.add_done_callback(lambda _: self._notify())
 
     def progress(self, safe: int) -> None:
-        """The first ``safe`` bytes are read and their tensors handed over."""
+        """The first ``safe`` bytes are read and their tensors handed over.
+
+        At the first call the header just read must be the one the places were taken from (the
+        file could have been replaced between the two reads); if not, the stream stops before it
+        has written or moved anything, and the shard is written the buffered way.
+        """
         with self.cond:
+            if not self.checked:
+                self.checked = True
+                if self.buffer.raw[: len(self.header)] != self.header:
+                    self.failed = OSError(errno.EINVAL, "the shard's header changed since its layout was read")
+                    self.stopped = True
             self.safe = safe
             self.cond.notify_all()
 
@@ -586,6 +613,8 @@ class StreamedShard:
 
     def _frontier(self) -> int:
         """Bytes final from the start (under the lock); a failed update stops the stream."""
+        if not self.checked:
+            return 0
         while self.pending and self.pending[0][2].done():
             begin, key, future = self.pending.pop(0)
             tensor = future.result()
@@ -654,12 +683,12 @@ class StreamedShard:
             return None
         raise failed
 
-    def abort(self) -> None:
-        """Stop the threads and close the file (the caller removes it)."""
+    def abort(self, threads: Sequence[threading.Thread] | None = None) -> None:
+        """Stop the threads (those started) and close the file (the caller removes it)."""
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        for thread in self._threads:
+        for thread in self._threads if threads is None else threads:
             thread.join()
         os.close(self.fd)
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
@@ -17,6 +18,12 @@ CACHE_DIR_ENV: Final = "VLACL_CACHE_DIR"
 """Where vlacl keeps what it can recompute (default ``$XDG_CACHE_HOME/vlacl``, else ``~/.cache/vlacl``)."""
 HASH_CACHE_ENV: Final = "VLACL_HASH_CACHE"
 """``off`` hashes every input file each time, keeping no cache."""
+RACY_NS: Final = 2_000_000_000
+"""A cache entry is trusted only when the file's status-change time is this long before its hashing began.
+
+File times advance in clock ticks (up to 10 ms on older kernels): a file changed again within the
+tick of its last change keeps its times, and a hash taken in that tick may be of the earlier
+content. Such an entry is hashed again at its next use (git's index treats "racy" entries alike)."""
 
 _CHUNK = 1 << 20  # 1 MiB reads: large enough for full disk speed, small enough to bound memory
 
@@ -102,7 +109,8 @@ def sha256_file_cached(path: Path) -> str:
     time would cost more than the merge. The cache keeps, per file, its sha256 with what ``stat``
     says of it: device, inode, size, modification and status-change times in nanoseconds. Any write
     to the file changes its status-change time, which no tool can set back, so an entry that still
-    matches is the file as it was hashed (git's index trusts the same fields). Entries are small
+    matches is the file as it was hashed (git's index trusts the same fields), provided the file had
+    not changed within :data:`RACY_NS` before the hashing began (else it is hashed again). Entries are small
     JSON files under ``<cache_dir>/sha256``; a cache that cannot be read or written only costs the
     hashing. ``VLACL_HASH_CACHE=off`` hashes every time. Artifact verification never uses it.
 
@@ -112,17 +120,27 @@ def sha256_file_cached(path: Path) -> str:
     path = Path(path)
     if os.environ.get(HASH_CACHE_ENV, "").lower() in ("off", "0", "false", "no"):
         return sha256_file(path)
+    try:
+        root = cache_dir()
+    except (RuntimeError, KeyError):  # no home directory to put it in (HOME unset, no passwd entry)
+        return sha256_file(path)
     identity = _file_identity(path)
     key = hashlib.sha256(f"{identity['path']}\0{identity['dev']}\0{identity['ino']}".encode()).hexdigest()[:40]
-    entry = cache_dir() / "sha256" / f"{key}.json"
+    entry = root / "sha256" / f"{key}.json"
     try:
         cached = json.loads(entry.read_text(encoding="utf-8"))
-        if isinstance(cached, dict) and {k: cached.get(k) for k in identity} == identity:
+        if (
+            isinstance(cached, dict)
+            and {k: cached.get(k) for k in identity} == identity
+            and isinstance(cached.get("hashed_ns"), int)
+            and cached["hashed_ns"] - int(identity["ctime_ns"]) > RACY_NS
+        ):
             digest = cached.get("sha256")
             if isinstance(digest, str) and len(digest) == 64:
                 return digest
     except (OSError, ValueError):
         pass
+    started = time.time_ns()
     digest = sha256_file(path)
     if _file_identity(path) != identity:  # changed while being hashed: nothing to keep
         return digest
@@ -134,7 +152,7 @@ def sha256_file_cached(path: Path) -> str:
         return digest
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({**identity, "sha256": digest}, fh)
+            json.dump({**identity, "hashed_ns": started, "sha256": digest}, fh)
         Path(tmp).replace(entry)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

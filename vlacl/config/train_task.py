@@ -171,6 +171,24 @@ class TrainTaskConfig:
             raise invalid("cache_features", "needs --two-stage (it caches stage 1's features)", TrainTaskConfig)
         if self.compile_mode != "default" and not self.compile:
             raise invalid("compile_mode", "is the mode of --compile; pass --compile too", TrainTaskConfig)
+        if self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            # a CUDA graph's backward leaves the gradients in the graph's memory, which its next
+            # replay reuses: gradients kept across backward passes would be overwritten
+            if self.grad_accum > 1:
+                raise invalid(
+                    "compile_mode",
+                    f"{self.compile_mode} (CUDA graphs) cannot accumulate gradients over --grad-accum "
+                    f"{self.grad_accum} backward passes: use --grad-accum 1 with a larger --batch-size, or "
+                    "--compile-mode default",
+                    TrainTaskConfig,
+                )
+            if self.cl == "agem":
+                raise invalid(
+                    "compile_mode",
+                    f"{self.compile_mode} (CUDA graphs) cannot run with --cl agem, which keeps the task's "
+                    "gradients across its reference backward pass: use --compile-mode default",
+                    TrainTaskConfig,
+                )
         if self.feature_cache is not None and not self.cache_features:
             raise invalid("feature_cache", "is the directory of --cache-features; pass that too", TrainTaskConfig)
 

@@ -112,6 +112,12 @@ class StopAgreement:
         self._pending = (dist.all_reduce(total, async_op=True), total)
         return agreed
 
+    def close(self) -> None:
+        """Wait for the sum the last poll started (every process started it); a stop asked in the last step is moot."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -886,7 +892,8 @@ class _Trainer:
             params = [p for _, p in self.trainable]
             norm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             norm_t = norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm), device=device)
-            finite = bool(torch.isfinite(step_loss) & torch.isfinite(norm_t))  # the one read per step
+            # the step's one read (with several processes, the stop agreement's sum is read after it)
+            finite = bool(torch.isfinite(step_loss) & torch.isfinite(norm_t))
             if finite:
                 optimizer.step()
                 if not acc.optimizer_step_was_skipped:
@@ -948,6 +955,8 @@ class _Trainer:
                     f"stopped by {name} at step {self.step} of {self.total}; the resume state is in {self.rdir}: "
                     f"rerun the same command (with --resume auto) to continue; exit code {EXIT_PREEMPTED}"
                 )
+        if self.stop_agreement is not None:
+            self.stop_agreement.close()
         self.algo.on_task_end(self.ctx)
 
     def _stop_requested(self) -> bool:
