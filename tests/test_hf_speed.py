@@ -18,6 +18,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5
 
 from tests.hf_factories import make_tiny_qwen2_5_vl, make_tiny_qwen2_vl
@@ -220,3 +221,42 @@ def test_vision_layouts_are_cached_per_grid(model_dirs: dict[str, Path]) -> None
 def test_the_accelerator_copies_batches_without_blocking() -> None:
     accelerator = _make_accelerator(TrainTaskConfig(device="cpu"))
     assert accelerator.dataloader_config.non_blocking is True
+
+
+class _ScalarReads(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Counts ``aten::_local_scalar_dense``: ``.item()``, ``bool(t)``, ``if t:`` (a host read on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_forward_reads_nothing_back_and_skips_transformers_merge(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    """No scalar read in the forward (transformers' own reads two: the token-count check, the mask check)."""
+    fast = load_hf_backbone(model_dirs[family]).train(False)
+    stock = to_stock(load_hf_backbone(model_dirs[family])).train(False)
+    inputs = fast.prepare(cameras([32, 32]), INSTRUCTIONS)  # instructions of three lengths: padded
+    assert not bool(inputs["attention_mask"].all())
+    with torch.no_grad(), _ScalarReads() as stock_reads:
+        want = stock(without_positions(inputs))
+    fast(inputs)  # the first call computes the vision layouts on the host: once per grid
+    model_class = type(base(fast))
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("transformers' image merge ran")
+
+    monkeypatch.setattr(model_class, "get_image_features", refused)
+    monkeypatch.setattr(model_class, "get_placeholder_mask", refused)
+    with torch.no_grad(), _ScalarReads() as reads:
+        got = fast(inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert stock_reads.count >= 2
+    assert reads.count == 0

@@ -191,6 +191,12 @@ def language_hidden(
             return_dict=True,
         )
         return out.last_hidden_state  # type: ignore[no-any-return]
+    if family.name in QWEN_FAMILIES and extra is not None:
+        from .qwen_vl import language_hidden as qwen_language_hidden
+
+        hidden = qwen_language_hidden(model, inputs, extra)
+        if hidden is not None:
+            return hidden
     # the base model (…ForConditionalGeneration.model): vision tower, merge, decoder; no LM head
     out = model.model(**inputs, **(extra or {}), use_cache=False, return_dict=True)
     return out.last_hidden_state  # type: ignore[no-any-return]

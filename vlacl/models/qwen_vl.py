@@ -10,6 +10,13 @@ rebuilt per frame in Python (``get_rope_index``). This module removes those:
 - :class:`VisionLayouts` computes the vision tower's packing (patch positions, window order,
   ``cu_seqlens``, the longest segment) once per distinct ``image_grid_thw`` on the CPU and keeps it
   on the model's device; the forward passes it as transformers' precomputed ``image_*`` arguments.
+- :func:`language_hidden` runs the base model's forward itself when the layouts and the rope
+  positions are precomputed: the vision tower with the packing passed in, the image features put
+  at the image tokens by a gather on the accelerator (transformers splits the features by
+  ``grid.tolist()`` and checks the token count by reading it back), and the language model with
+  its causal-and-padding mask built on the accelerator (transformers reads ``mask.all()`` back
+  to decide whether it may skip it). Prompts whose image-token counts do not match their grids
+  never get here: :func:`rope_positions` refuses them in ``prepare``.
 - :func:`install_batched_vision_attention` swaps the class of every vision attention module for a
   subclass that runs one SDPA call on ``(segments, heads, segment_length, head_dim)`` when all
   segments (windows, or images in the full-attention blocks) have the same length, known on the host
@@ -270,3 +277,53 @@ def rope_positions_of(encoded: Mapping[str, torch.Tensor], spatial_merge_size: i
         encoded["image_grid_thw"],
         spatial_merge_size,
     )
+
+
+def language_hidden(model: Any, inputs: Mapping[str, torch.Tensor], layouts: Mapping[str, Any]) -> torch.Tensor | None:
+    """Qwen-VL's last hidden states ``(N, L, D)`` without a host read, or ``None`` where transformers' forward must run.
+
+    The same computation as ``Qwen2_5_VLModel.forward`` (and Qwen2-VL's) for images, no video, no
+    cache: token embeddings; the vision tower on the pixels with the precomputed packing
+    (``layouts``: :class:`VisionLayouts`' ``image_*`` arguments); each image feature written at
+    its image token, in order (a cumulative count over the image tokens indexes the features);
+    the language model on those embeddings with the 3D rope ``position_ids`` and a boolean mask
+    ``(N, 1, L, L)``: causal, padding keys masked, and each padding query attending to itself
+    only (its output is never read; a row with nothing to attend to would give NaN).
+
+    ``None`` (transformers' forward then) without precomputed ``position_ids`` or pixels, with
+    another attention implementation than SDPA, or with sliding-window layers.
+    """
+    base = model.model
+    text = base.language_model
+    layer_types = getattr(text.config, "layer_types", None) or ["full_attention"]
+    if (
+        "position_ids" not in inputs
+        or "pixel_values" not in inputs
+        or "image_grid_thw" not in inputs
+        or text.config._attn_implementation != SDPA
+        or any(kind != "full_attention" for kind in layer_types)
+    ):
+        return None
+    input_ids = inputs["input_ids"]
+    embeds = base.get_input_embeddings()(input_ids)  # (N, L, D)
+    packing = {key.removeprefix("image_"): value for key, value in layouts.items()}
+    pixels = inputs["pixel_values"].type(base.visual.dtype)
+    features = base.visual(pixels, grid_thw=inputs["image_grid_thw"], **packing).pooler_output  # (T, D)
+    is_image = input_ids == base.config.image_token_id  # (N, L)
+    index = (is_image.flatten().cumsum(0) - 1).clamp(min=0).view(input_ids.shape)  # (N, L): feature of each token
+    embeds = torch.where(is_image.unsqueeze(-1), features.to(embeds.dtype)[index], embeds)
+    keep = inputs["attention_mask"].bool()  # (N, L)
+    length = keep.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()  # (L, L)
+    itself = torch.eye(length, dtype=torch.bool, device=keep.device)
+    mask = (causal & keep[:, None, :]) | itself  # (N, L, L)
+    out = text(
+        input_ids=None,
+        inputs_embeds=embeds,
+        position_ids=inputs["position_ids"],
+        attention_mask={"full_attention": mask.unsqueeze(1)},  # (N, 1, L, L)
+        use_cache=False,
+        return_dict=True,
+    )
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden
