@@ -113,6 +113,8 @@ def test_rope_positions_refuse_a_run_without_its_grid() -> None:
         rope_positions(ids, mask, kinds, torch.tensor([[1, 4, 2]]), 2)
     with pytest.raises(ValueError, match="more image token runs"):
         rope_positions(ids, mask, kinds, torch.zeros(0, 3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="more grids than the prompts have image token runs"):
+        rope_positions(ids, mask, kinds, torch.tensor([[1, 4, 4], [1, 4, 4]]), 2)  # a grid left without tokens
 
 
 @pytest.mark.parametrize(
@@ -240,7 +242,12 @@ class _ScalarReads(TorchDispatchMode):  # type: ignore[no-untyped-call]
 def test_the_forward_reads_nothing_back_and_skips_transformers_merge(
     model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:
-    """No scalar read in the forward (transformers' own reads two: the token-count check, the mask check)."""
+    """No scalar read in the forward (transformers' own reads two: the token-count check, the mask check).
+
+    ``.tolist()`` of a CPU tensor is not a dispatched read, so this counts ``.item()``-like reads only;
+    transformers' third read, the features split by ``grid.tolist()``, is ruled out by refusing
+    ``get_image_features``. (``VisionLayouts`` reads the grid once per forward, documented there.)
+    """
     fast = load_hf_backbone(model_dirs[family]).train(False)
     stock = to_stock(load_hf_backbone(model_dirs[family])).train(False)
     inputs = fast.prepare(cameras([32, 32]), INSTRUCTIONS)  # instructions of three lengths: padded

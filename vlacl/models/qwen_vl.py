@@ -231,7 +231,8 @@ def rope_positions(
         spatial_merge_size: The vision tower's merge size.
 
     Raises:
-        ValueError: More image runs than grids, or a run whose length is not its grid's token count.
+        ValueError: More image runs than grids or more grids than runs, or a run whose length is not
+            its grid's token count.
     """
     frames, length = input_ids.shape
     out = torch.zeros(frames, 3, length, dtype=input_ids.dtype)
@@ -262,6 +263,8 @@ def rope_positions(
             position += max(h, w)
         if pieces:
             out[i, :, keep] = torch.cat(pieces, dim=1).to(out.dtype)
+    if next(grids, None) is not None:
+        raise ValueError("image_grid_thw has more grids than the prompts have image token runs")
     return out
 
 
@@ -288,7 +291,9 @@ def language_hidden(model: Any, inputs: Mapping[str, torch.Tensor], layouts: Map
     its image token, in order (a cumulative count over the image tokens indexes the features);
     the language model on those embeddings with the 3D rope ``position_ids`` and a boolean mask
     ``(N, 1, L, L)``: causal, padding keys masked, and each padding query attending to itself
-    only (its output is never read; a row with nothing to attend to would give NaN).
+    only (its output is never read; a row with nothing to attend to would give NaN). The mask is
+    passed even when no row is padded, where transformers would let SDPA take its causal kernel:
+    the same result, from another kernel on a GPU.
 
     ``None`` (transformers' forward then) without precomputed ``position_ids`` or pixels, with
     another attention implementation than SDPA, or with sliding-window layers.
@@ -308,7 +313,8 @@ def language_hidden(model: Any, inputs: Mapping[str, torch.Tensor], layouts: Map
     embeds = base.get_input_embeddings()(input_ids)  # (N, L, D)
     packing = {key.removeprefix("image_"): value for key, value in layouts.items()}
     pixels = inputs["pixel_values"].type(base.visual.dtype)
-    features = base.visual(pixels, grid_thw=inputs["image_grid_thw"], **packing).pooler_output  # (T, D)
+    vision = base.visual(pixels, grid_thw=inputs["image_grid_thw"], return_dict=True, **packing)
+    features = vision.pooler_output  # (T, D): every image's merged patches, in order
     is_image = input_ids == base.config.image_token_id  # (N, L)
     index = (is_image.flatten().cumsum(0) - 1).clamp(min=0).view(input_ids.shape)  # (N, L): feature of each token
     embeds = torch.where(is_image.unsqueeze(-1), features.to(embeds.dtype)[index], embeds)
