@@ -285,8 +285,6 @@ class ShardBuffer:
             raise InputFormatError("safetensors files are little-endian; vlacl merges on little-endian machines only")
         # whole pages: a shard written back from the buffer with O_DIRECT may end on a padded block
         self._buffer = mmap.mmap(-1, -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE)
-        self.size = 0
-        """Bytes of the shard read last."""
 
     @property
     def raw(self) -> mmap.mmap:
@@ -297,32 +295,6 @@ class ShardBuffer:
     def capacity(self) -> int:
         """The buffer's size in bytes: the largest shard, rounded up to whole pages."""
         return len(self._buffer)
-
-    def place(self, tensors: Mapping[str, torch.Tensor], header: bytes) -> memoryview | None:
-        """The buffer as the file ``header`` + the tensors' bytes, when the shard read last has that very layout.
-
-        A merge that keeps every dtype writes a shard with the header it read (the same names,
-        shapes and offsets, as ``save_file`` lays them out): the buffer then already is the merged
-        file, except for tensors that were replaced by new ones (``modules_to_save``), which are
-        copied to their places here. The view covers the buffer's whole pages, from the start.
-
-        Returns:
-            ``None`` when the header differs from the one read (another layout: the caller writes
-            the file itself).
-        """
-        import torch
-
-        start = len(header)
-        if self.size < start or self._buffer[:start] != header:
-            return None
-        info = json.loads(header[8:])
-        whole = torch.frombuffer(self._buffer, dtype=torch.uint8)
-        for key, tensor in tensors.items():
-            begin, end = (start + offset for offset in info[key]["data_offsets"])
-            place = whole[begin:end]
-            if tensor.numel() and tensor.data_ptr() != place.data_ptr():
-                place.copy_(tensor.contiguous().reshape(-1).view(torch.uint8))
-        return memoryview(self._buffer)
 
     def read(
         self,
@@ -346,7 +318,6 @@ class ShardBuffer:
                 (it changed or was damaged since), or it is larger than the buffer.
         """
         file = base.path / shard
-        self.size = 0
         view = memoryview(self._buffer)
         tensors: dict[str, torch.Tensor] = {}
         try:
@@ -385,7 +356,6 @@ class ShardBuffer:
             raise InputFormatError(
                 f"base model shard {file} changed since vlacl read its header: fetch the model again"
             )
-        self.size = size
         return tensors
 
     @staticmethod

@@ -56,8 +56,6 @@ WRITEBACK_BYTES: Final = 1 << 20
 starts the writeback of dirty pages without waiting for it), so a shard's sync overlaps its write."""
 DIRECT_BLOCK: Final = 4096
 """Alignment of O_DIRECT writes: buffer address, file offset and length (a page covers every block size)."""
-DIRECT_CHUNK: Final = 64 << 20
-"""Bytes per O_DIRECT write call."""
 SAFETENSORS_METADATA: Final = {"format": "pt"}
 POLICY_DETAILS: Final = (
     "head_config",
@@ -454,42 +452,6 @@ def _open_direct(dst: Path) -> int | None:
         raise
 
 
-def write_direct(data: memoryview, size: int, dst: Path) -> bool:
-    """Write ``data[:size]`` to a new file ``dst`` with ``O_DIRECT``, from page-aligned memory.
-
-    The bytes go from the buffer to the disk without the page cache: on the machines measured,
-    buffered writing followed by the sync an artifact needs wrote at a quarter of the speed of
-    direct writes (a 2-core VM: 0.3 against 1.2 GB/s). The last block is written whole from the
-    buffer's padding and the file cut back to ``size``. ``data`` must start page-aligned and
-    extend to the next multiple of :data:`DIRECT_BLOCK` past ``size``.
-
-    Returns:
-        ``False`` where the platform or the filesystem has no direct writes (``O_DIRECT``
-        missing, or ``EINVAL`` from the filesystem, as from some network and older in-memory
-        filesystems); the caller then writes ``dst`` the usual way, over whatever is there.
-
-    Raises:
-        OSError: Any other write error (the file is removed).
-    """
-    padded = -(-size // DIRECT_BLOCK) * DIRECT_BLOCK
-    fd = _open_direct(dst) if padded <= data.nbytes else None
-    if fd is None:
-        return False
-    try:
-        done = 0
-        while done < padded:
-            done += os.write(fd, data[done : min(padded, done + DIRECT_CHUNK)])
-        os.ftruncate(fd, size)
-    except OSError as exc:
-        dst.unlink(missing_ok=True)
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
-    finally:
-        os.close(fd)
-    return True
-
-
 def _shard_layout(base: BaseModel, shard: str) -> tuple[bytes, dict[str, tuple[int, int]]] | None:
     """The header ``save_file`` writes for ``shard``'s tensors and each one's place in the file, when the file has it.
 
@@ -697,9 +659,7 @@ class _StoppedError(Exception):
     """The stream was stopped: its threads end quietly."""
 
 
-def write_shard(
-    tensors: Mapping[str, torch.Tensor], dst: Path, pool: ThreadPoolExecutor, buffer: ShardBuffer | None = None
-) -> tuple[str, int] | None:
+def write_shard(tensors: Mapping[str, torch.Tensor], dst: Path, pool: ThreadPoolExecutor) -> tuple[str, int] | None:
     """Write ``tensors`` as the safetensors file ``dst`` and hash the bytes in ``pool`` as they are written.
 
     The file is exactly what ``safetensors.torch.save_file(tensors, dst, metadata={"format": "pt"})``
@@ -707,10 +667,6 @@ def write_shard(
     2-core machine); its sha256 comes from the same memory, hashed in ``pool``
     beside the write, so the file is never read back. The writeback of each large tensor to the
     disk starts as soon as it is written (see :data:`WRITEBACK_BYTES`).
-
-    With the ``buffer`` the tensors were read into, when the file has the layout of the shard
-    read (:meth:`ShardBuffer.place`), the buffer is written as it is, with ``O_DIRECT``
-    (:func:`write_direct`), its hash computed from the same memory beside the write.
 
     Returns:
         The file's hex sha256 and size; ``None`` when ``save_file`` wrote it (see
@@ -723,16 +679,6 @@ def write_shard(
         save_file(dict(tensors), str(dst), metadata=dict(SAFETENSORS_METADATA))
         return None
     header, ordered = layout
-    whole = buffer.place(tensors, header) if buffer is not None else None
-    if whole is not None and buffer is not None:
-        file_bytes = whole[: buffer.size]
-        digest = pool.submit(sha256_buffers, [file_bytes])
-        try:
-            direct = write_direct(whole, buffer.size, dst)
-        finally:
-            wait([digest])  # the buffer stays untouched until the hash is done
-        if direct:
-            return digest.result()
     pieces = [memoryview(header), *(_raw_bytes(t) for t in ordered if t.numel())]
     digest = pool.submit(sha256_buffers, pieces)
     try:
@@ -978,7 +924,7 @@ def merge_lora(
                     raise
                 hashed = stream.finish() if stream is not None else None
                 if hashed is None:  # not streamed, or the filesystem refused direct writes on the way
-                    hashed = write_shard(tensors, dst, pool, buffer)
+                    hashed = write_shard(tensors, dst, pool)
                 # sync the shard (and hash it, if the write did not) while the next one merges
                 synced.append((writer.path / name, syncer.submit(_synced, writer.path / name, hashed)))
                 for key, tensor in tensors.items():

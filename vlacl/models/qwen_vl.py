@@ -300,13 +300,12 @@ def language_hidden(model: Any, inputs: Mapping[str, torch.Tensor], layouts: Map
     """
     base = model.model
     text = base.language_model
-    layer_types = getattr(text.config, "layer_types", None) or ["full_attention"]
     if (
         "position_ids" not in inputs
         or "pixel_values" not in inputs
         or "image_grid_thw" not in inputs
         or text.config._attn_implementation != SDPA
-        or any(kind != "full_attention" for kind in layer_types)
+        or any(kind != "full_attention" for kind in text.config.layer_types)
     ):
         return None
     input_ids = inputs["input_ids"]
